@@ -1,0 +1,331 @@
+# Copyright 2026 The pmoe authors. Licensed under the Apache License, Version 2.0.
+"""PMoE model configuration.
+
+This file is shipped inside every checkpoint as remote code: it imports only the standard library and
+transformers.
+"""
+
+import copy
+
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+# Bump when the checkpoint layout changes in a way older pmoe versions cannot read.
+PMOE_FORMAT_VERSION = 1
+
+EXPERT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# Dense architectures `PMoEConfig.from_dense_config` knows how to convert, by `model_type`.
+SUPPORTED_DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class PMoEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a PMoE model: a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 weights load by copying)
+    whose deep layers carry progressive LoRA experts chosen by a router at the shallow/deep boundary.
+
+    Llama-family fields (same meaning as in `LlamaConfig`): `vocab_size`, `hidden_size`, `intermediate_size`,
+    `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `head_dim`, `hidden_act`,
+    `max_position_embeddings`, `initializer_range`, `rms_norm_eps`, `use_cache`, `tie_word_embeddings`,
+    `rope_parameters`, `attention_bias`, `attention_dropout`, `mlp_bias`, token ids. Family extras:
+
+    - `attention_out_bias` (`bool`, *optional*): bias of `o_proj`. `None` follows `attention_bias` (Llama, Qwen3);
+      Qwen2 has biases on q/k/v but not on o, so its conversion sets `False`.
+    - `qk_norm` (`bool`, defaults to `False`): RMSNorm on each query/key head before RoPE (Qwen3).
+    - `sliding_window` (`int`, *optional*) and `layer_types` (list of `"full_attention"` / `"sliding_attention"`,
+      one per layer): sliding-window attention as in Mistral / Qwen2 / Qwen3. `None` means full attention everywhere.
+
+    PMoE fields:
+
+    - `num_shallow_layers` (`int`, *optional*, defaults to `num_hidden_layers // 2`): S. Layers `[0, S)` are the
+      shallow block (base weights only, general knowledge); layers `[S, L)` are the deep block and carry the experts.
+      Allowed: `0 <= S <= num_hidden_layers - 1`.
+    - `expert_rank` (`int`, defaults to 8): LoRA rank r of every expert.
+    - `expert_alpha` (`float`, *optional*, defaults to `2 * expert_rank`): LoRA alpha. The expert update is scaled by
+      `alpha / r` (or `alpha / sqrt(r)` with `expert_use_rslora`). The default keeps `alpha / r = 2` whatever the rank,
+      so changing the rank does not silently change the update's scale (a fixed alpha of 16 halves it at rank 16).
+    - `expert_use_rslora` (`bool`, defaults to `False`): rank-stabilised scaling `alpha / sqrt(r)`.
+    - `expert_dropout` (`float`, defaults to 0.0): dropout on the expert input, as PEFT's `lora_dropout`.
+    - `expert_target_modules` (list of `str`, defaults to all seven projections): which linears of the deep layers
+      carry experts, among `q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`.
+    - `router_activation` (`"sigmoid"` or `"softmax"`, defaults to `"sigmoid"`): how router logits become gates.
+      Sigmoid gates are independent per expert, so adding an expert (zero LoRA B) leaves every old gate, and thus
+      the model's outputs, exactly unchanged. Softmax gates are normalised across experts: a new expert takes a
+      share of every token's gate mass, so old outputs move when an expert is added.
+    - `router_top_k` (`int`, *optional*): `None` or `0` means dense gating (every expert, gate from the activation).
+      `k > 0` keeps the `k` highest-scoring experts per token (softmax renormalised over them) and zeroes the rest.
+      While the model has fewer than `k` experts, all of them are used. Must not exceed `max_experts` when that is set.
+    - `router_temperature` (`float`, defaults to 1.0): router logits are divided by it before the activation.
+    - `router_per_layer` (`bool`, defaults to `False`): one router per deep layer, each reading the hidden state that
+      enters its layer, instead of one shared router at the boundary.
+    - `router_aux_loss_coef` (`float`, defaults to 0.0): weight of the load-balancing loss (Switch / Mixtral) added to
+      the LM loss when `output_router_logits=True`. Off by default: balancing old, frozen experts against a new one
+      fights continual learning.
+    - `output_router_logits` (`bool`, defaults to `False`): return router logits (and the auxiliary loss).
+    - `num_experts` (`int`) and `expert_tasks` (list of `str`): the experts the model has and the task each belongs
+      to, in order. Written by `add_expert`; `from_pretrained` rebuilds exactly these experts.
+    - `max_experts` (`int`, *optional*): refuse to grow past this many experts.
+    - `train_base_weights` (`bool`, defaults to `False`): when `add_expert` sets up a task, keep the base (non-expert)
+      weights trainable. By default growth freezes them.
+    - `pmoe_format_version` (`int`): checkpoint layout version, checked on load.
+    """
+
+    model_type = "pmoe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = None
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    # Llama family
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_out_bias: bool | None = None
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+
+    # PMoE
+    num_shallow_layers: int | None = None
+    expert_rank: int = 8
+    expert_alpha: float | None = None
+    expert_use_rslora: bool = False
+    expert_dropout: float = 0.0
+    expert_target_modules: list[str] | None = None
+    router_activation: str = "sigmoid"
+    router_top_k: int | None = None
+    router_temperature: float = 1.0
+    router_per_layer: bool = False
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False
+    num_experts: int = 0
+    expert_tasks: list[str] | None = None
+    max_experts: int | None = None
+    train_base_weights: bool = False
+    pmoe_format_version: int = PMOE_FORMAT_VERSION
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_shallow_layers is None:
+            self.num_shallow_layers = self.num_hidden_layers // 2
+        if self.expert_alpha is None:
+            self.expert_alpha = 2.0 * self.expert_rank
+        if self.expert_target_modules is None:
+            self.expert_target_modules = list(EXPERT_TARGET_MODULES)
+        self.expert_target_modules = list(self.expert_target_modules)
+        self.expert_tasks = list(self.expert_tasks) if self.expert_tasks is not None else []
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
+        self.validate_pmoe()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self):
+        super().validate()
+        self.validate_pmoe()
+
+    def validate_pmoe(self):
+        """Raise a `ValueError` naming the field and its allowed range for every invalid PMoE setting."""
+
+        def fail(field, allowed, value):
+            raise ValueError(f"PMoEConfig.{field} must be {allowed}, got {value!r}.")
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.pmoe_format_version is None or not is_int(self.pmoe_format_version) or self.pmoe_format_version < 1:
+            fail("pmoe_format_version", f"an integer in [1, {PMOE_FORMAT_VERSION}]", self.pmoe_format_version)
+        if self.pmoe_format_version > PMOE_FORMAT_VERSION:
+            raise ValueError(
+                f"PMoEConfig.pmoe_format_version is {self.pmoe_format_version}, but this pmoe reads checkpoint "
+                f"format versions up to {PMOE_FORMAT_VERSION}: the checkpoint was made by a newer pmoe. "
+                "Upgrade pmoe (`pip install -U pmoe`) or load it with the remote code saved next to it."
+            )
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(self, field)
+            if not is_int(value) or value < 1:
+                fail(field, "a positive integer", value)
+        if not is_int(self.num_key_value_heads) or not 1 <= self.num_key_value_heads <= self.num_attention_heads:
+            fail("num_key_value_heads", f"an integer in [1, num_attention_heads={self.num_attention_heads}]",
+                 self.num_key_value_heads)
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            fail("num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}",
+                 self.num_key_value_heads)
+        if not is_int(self.head_dim) or self.head_dim < 1 or self.head_dim % 2:
+            fail("head_dim", "a positive even integer", self.head_dim)
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers or any(
+            kind not in ATTENTION_LAYER_TYPES for kind in self.layer_types
+        ):
+            fail("layer_types", f"a list of {self.num_hidden_layers} values from {list(ATTENTION_LAYER_TYPES)}",
+                 self.layer_types)
+        if "sliding_attention" in self.layer_types and (not is_int(self.sliding_window) or self.sliding_window < 1):
+            fail("sliding_window", "a positive integer when layer_types contains 'sliding_attention'",
+                 self.sliding_window)
+
+        last = self.num_hidden_layers - 1
+        if not is_int(self.num_shallow_layers) or not 0 <= self.num_shallow_layers <= last:
+            fail("num_shallow_layers", f"an integer in [0, num_hidden_layers - 1] = [0, {last}]",
+                 self.num_shallow_layers)
+        if not is_int(self.expert_rank) or self.expert_rank < 1:
+            fail("expert_rank", "an integer >= 1", self.expert_rank)
+        if isinstance(self.expert_alpha, bool) or not isinstance(self.expert_alpha, (int, float)) or not (
+            self.expert_alpha > 0
+        ):
+            fail("expert_alpha", "a number > 0 (or None for 2 * expert_rank)", self.expert_alpha)
+        if isinstance(self.expert_dropout, bool) or not isinstance(self.expert_dropout, (int, float)) or not (
+            0.0 <= self.expert_dropout < 1.0
+        ):
+            fail("expert_dropout", "a number in [0, 1)", self.expert_dropout)
+        unknown = [name for name in self.expert_target_modules if name not in EXPERT_TARGET_MODULES]
+        if unknown or not self.expert_target_modules or len(set(self.expert_target_modules)) != len(
+            self.expert_target_modules
+        ):
+            fail("expert_target_modules", f"a non-empty list of distinct names from {list(EXPERT_TARGET_MODULES)}",
+                 self.expert_target_modules)
+        if self.router_activation not in ROUTER_ACTIVATIONS:
+            fail("router_activation", f"one of {list(ROUTER_ACTIVATIONS)}", self.router_activation)
+        if isinstance(self.router_temperature, bool) or not isinstance(self.router_temperature, (int, float)) or not (
+            self.router_temperature > 0
+        ):
+            fail("router_temperature", "a number > 0", self.router_temperature)
+        if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) or (
+            not self.router_aux_loss_coef >= 0
+        ):
+            fail("router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
+
+        if not is_int(self.num_experts) or self.num_experts < 0:
+            fail("num_experts", "an integer >= 0", self.num_experts)
+        if self.max_experts is not None and (not is_int(self.max_experts) or self.max_experts < max(1, self.num_experts)):
+            fail("max_experts", f"None or an integer >= max(1, num_experts={self.num_experts})", self.max_experts)
+        if self.router_top_k is not None:
+            upper = self.max_experts if self.max_experts is not None else "max_experts"
+            if not is_int(self.router_top_k) or self.router_top_k < 0 or (
+                self.max_experts is not None and self.router_top_k > self.max_experts
+            ):
+                fail("router_top_k", f"None, 0 (dense) or an integer in [1, {upper}]", self.router_top_k)
+        if len(self.expert_tasks) != self.num_experts or not all(
+            isinstance(task, str) and task for task in self.expert_tasks
+        ):
+            fail("expert_tasks", f"a list of num_experts={self.num_experts} non-empty task names", self.expert_tasks)
+        if len(set(self.expert_tasks)) != len(self.expert_tasks):
+            fail("expert_tasks", "a list of distinct task names", self.expert_tasks)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def expert_scaling(self) -> float:
+        """The factor applied to every expert's LoRA update (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA)."""
+        denominator = self.expert_rank**0.5 if self.expert_use_rslora else self.expert_rank
+        return float(self.expert_alpha) / denominator
+
+    @property
+    def deep_layer_indices(self) -> list[int]:
+        return list(range(self.num_shallow_layers, self.num_hidden_layers))
+
+    @property
+    def effective_top_k(self) -> int:
+        """How many experts each token uses now: `router_top_k` capped at `num_experts` (0 experts: 0)."""
+        if not self.router_top_k:
+            return self.num_experts
+        return min(self.router_top_k, self.num_experts)
+
+    @classmethod
+    def from_dense_config(cls, dense_config, **pmoe_options) -> "PMoEConfig":
+        """Build a `PMoEConfig` with no experts from the config of a Llama, Mistral, Qwen2 or Qwen3 causal LM.
+
+        `pmoe_options` are PMoE fields (`num_shallow_layers`, `expert_rank`, `router_top_k`, ...).
+        """
+        model_type = getattr(dense_config, "model_type", None)
+        if model_type not in SUPPORTED_DENSE_MODEL_TYPES:
+            raise ValueError(
+                f"Cannot convert a dense model of type {model_type!r} to PMoE. Supported architectures: "
+                "LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), "
+                "Qwen3ForCausalLM (qwen3)."
+            )
+        forbidden = {"num_experts", "expert_tasks"} & set(pmoe_options)
+        if forbidden:
+            raise ValueError(
+                f"from_dense builds a model with no experts; grow them with add_expert(task_name) instead of passing "
+                f"{sorted(forbidden)}."
+            )
+        pmoe_fields = {
+            "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
+            "expert_target_modules", "router_activation", "router_top_k", "router_temperature", "router_per_layer",
+            "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights",
+        }
+        unknown = sorted(set(pmoe_options) - pmoe_fields)
+        if unknown:
+            raise ValueError(f"Unknown PMoE option(s) {unknown}; allowed: {sorted(pmoe_fields)}.")
+
+        c = dense_config
+        num_heads = c.num_attention_heads
+        fields = {
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": getattr(c, "num_key_value_heads", None) or num_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // num_heads,
+            "hidden_act": c.hidden_act,
+            "max_position_embeddings": c.max_position_embeddings,
+            "initializer_range": c.initializer_range,
+            "rms_norm_eps": c.rms_norm_eps,
+            "use_cache": getattr(c, "use_cache", True),
+            "pad_token_id": c.pad_token_id,
+            "bos_token_id": c.bos_token_id,
+            "eos_token_id": c.eos_token_id,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "rope_parameters": copy.deepcopy(c.rope_parameters),
+            "attention_dropout": getattr(c, "attention_dropout", 0.0),
+        }
+        if model_type == "llama":
+            fields.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+        elif model_type == "mistral":
+            # Mistral applies its sliding window (when set) in every layer.
+            sliding = c.sliding_window
+            kind = "sliding_attention" if sliding is not None else "full_attention"
+            fields.update(sliding_window=sliding, layer_types=[kind] * c.num_hidden_layers)
+        elif model_type == "qwen2":
+            fields.update(
+                attention_bias=True, attention_out_bias=False,
+                sliding_window=c.sliding_window, layer_types=list(c.layer_types),
+            )
+        elif model_type == "qwen3":
+            fields.update(
+                attention_bias=c.attention_bias, qk_norm=True,
+                sliding_window=c.sliding_window, layer_types=list(c.layer_types),
+            )
+        if "sliding_attention" not in (fields.get("layer_types") or []):
+            fields["sliding_window"] = None
+        fields.update(pmoe_options)
+        return cls(**fields)
+
+
+__all__ = ["PMoEConfig", "PMOE_FORMAT_VERSION", "EXPERT_TARGET_MODULES", "SUPPORTED_DENSE_MODEL_TYPES"]

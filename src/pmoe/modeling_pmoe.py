@@ -1,0 +1,655 @@
+# Copyright 2026 The pmoe authors. Licensed under the Apache License, Version 2.0.
+"""PyTorch PMoE: a Llama-family decoder with progressive LoRA experts in its deep layers.
+
+Layout (see PMoEConfig): layers [0, S) are the shallow block, base weights only. Layers [S, L) are the deep block:
+every targeted projection is a `PMoELinear` that carries one LoRA expert per task. A router at the boundary reads the
+hidden state leaving the shallow block and gives per-token gates that every deep layer uses (or one router per deep
+layer). Weight names follow transformers' Llama layout, so Llama / Mistral / Qwen2 / Qwen3 checkpoints convert by
+copying, and expert weights sit at `...q_proj.experts.{e}.lora_A` / `.lora_B`, one tensor per expert.
+
+This file is shipped inside every checkpoint as remote code: it imports only torch, transformers and
+`configuration_pmoe`.
+"""
+
+import math
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_pmoe import PMoEConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+class PMoERMSNorm(LlamaRMSNorm):
+    pass
+
+
+class PMoERotaryEmbedding(LlamaRotaryEmbedding):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------- experts
+class PMoELoRAExpert(nn.Module):
+    """One LoRA expert of one linear: `delta(x) = (x @ lora_A.T) @ lora_B.T`, one tensor each so freezing is per tensor."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # PEFT's LoRA init: A like nn.Linear (Kaiming uniform), B zero, so a new expert changes nothing.
+        init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init.zeros_(self.lora_B)
+
+
+class PMoELinear(nn.Linear):
+    """`nn.Linear` plus progressive LoRA experts mixed by per-token gates.
+
+    The base weight keeps `nn.Linear`'s names (`weight`, `bias`) so dense checkpoints load unchanged. The experts'
+    A and B matrices are concatenated so that all experts cost one matmul pair, whatever their number:
+    `y = W x + b + scaling * B_cat @ (gates_per_rank * (A_cat @ dropout(x)))`.
+    Without gates (`expert_gates=None`) the layer is the base linear: experts are never applied ungated.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: PMoEConfig, with_experts: bool):
+        super().__init__(in_features, out_features, bias=bias)
+        self.with_experts = with_experts
+        self.rank = config.expert_rank
+        self.scaling = config.expert_scaling
+        self.expert_dropout = nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
+        self.experts = nn.ModuleList()
+        if with_experts:
+            for _ in range(config.num_experts):
+                self.experts.append(PMoELoRAExpert(in_features, out_features, self.rank))
+
+    def add_expert(self) -> PMoELoRAExpert:
+        expert = PMoELoRAExpert(self.in_features, self.out_features, self.rank)
+        expert.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.experts.append(expert)
+        return expert
+
+    def forward(self, x: torch.Tensor, expert_gates: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        num_experts = len(self.experts)
+        if expert_gates is None or num_experts == 0:
+            return out
+        if expert_gates.shape[-1] != num_experts:
+            raise ValueError(
+                f"PMoELinear got gates for {expert_gates.shape[-1]} experts but has {num_experts} experts."
+            )
+        if num_experts == 1:
+            lora_a, lora_b = self.experts[0].lora_A, self.experts[0].lora_B
+        else:
+            lora_a = torch.cat([expert.lora_A for expert in self.experts], dim=0)  # [E * r, in]
+            lora_b = torch.cat([expert.lora_B for expert in self.experts], dim=1)  # [out, E * r]
+        hidden = F.linear(self.expert_dropout(x), lora_a)  # [..., E * r]
+        gates = expert_gates.to(hidden.dtype).repeat_interleave(self.rank, dim=-1) * self.scaling
+        return out + F.linear(hidden * gates, lora_b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={len(self.experts)}, rank={self.rank}"
+
+
+class PMoERouterKey(nn.Module):
+    """One expert's entry in a router: a key vector and a bias. New keys start at zero."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.key = nn.Parameter(torch.empty(hidden_size))
+        self.bias = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init.zeros_(self.key)
+        init.zeros_(self.bias)
+
+
+class PMoERouter(nn.Module):
+    """Scores every expert per token from one hidden state.
+
+    `logits = (rms_normalize(h) @ keys.T + biases) / temperature`, then sigmoid (independent gates) or softmax, with
+    optional top-k. Each expert has its own `PMoERouterKey` (`routers.{i}.experts.{e}.key` / `.bias`), so earlier
+    experts' router entries can be frozen on their own.
+    """
+
+    def __init__(self, config: PMoEConfig):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.experts = nn.ModuleList([PMoERouterKey(config.hidden_size) for _ in range(config.num_experts)])
+
+    def add_key(self, device: torch.device, dtype: torch.dtype) -> PMoERouterKey:
+        entry = PMoERouterKey(self.hidden_size).to(device=device, dtype=dtype)
+        self.experts.append(entry)
+        return entry
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(logits, gates)`, both `[batch, seq, num_experts]`; gates in the hidden states' dtype."""
+        # Routing in float32, so gates stay stable in bf16 runs too.
+        features = F.rms_norm(hidden_states.float(), (self.hidden_size,), eps=self.eps)
+        keys = torch.stack([entry.key for entry in self.experts]).float()
+        biases = torch.stack([entry.bias for entry in self.experts]).float()
+        logits = (features @ keys.T + biases) / self.config.router_temperature
+        gates = route(logits, self.config.router_activation, self.config.router_top_k)
+        return logits, gates.to(hidden_states.dtype)
+
+
+def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Tensor:
+    """Turn router logits `[..., E]` into gates: sigmoid or softmax, keeping the `top_k` best experts if set."""
+    num_experts = logits.shape[-1]
+    if top_k and top_k < num_experts:
+        selected = logits.topk(top_k, dim=-1).indices
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, selected, True)
+        if activation == "softmax":
+            # Renormalised over the selected experts (Mixtral-style).
+            return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+        return torch.sigmoid(logits) * keep
+    if activation == "softmax":
+        return torch.softmax(logits, dim=-1)
+    return torch.sigmoid(logits)
+
+
+# ----------------------------------------------------------------------------------------------------- decoder
+class PMoEMLP(nn.Module):
+    def __init__(self, config: PMoEConfig, with_experts: bool):
+        super().__init__()
+        targets = set(config.expert_target_modules) if with_experts else set()
+
+        def linear(name, in_features, out_features):
+            return PMoELinear(in_features, out_features, config.mlp_bias, config, name in targets)
+
+        self.gate_proj = linear("gate_proj", config.hidden_size, config.intermediate_size)
+        self.up_proj = linear("up_proj", config.hidden_size, config.intermediate_size)
+        self.down_proj = linear("down_proj", config.intermediate_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor, expert_gates: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.act_fn(self.gate_proj(x, expert_gates)) * self.up_proj(x, expert_gates)
+        return self.down_proj(hidden, expert_gates)
+
+
+class PMoEAttention(nn.Module):
+    """Llama attention (GQA, RoPE, optional Qwen3 q/k norm, optional sliding window) on `PMoELinear` projections."""
+
+    def __init__(self, config: PMoEConfig, layer_idx: int, with_experts: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.layer_type = config.layer_types[layer_idx]
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        targets = set(config.expert_target_modules) if with_experts else set()
+        out_bias = config.attention_bias if config.attention_out_bias is None else config.attention_out_bias
+
+        def linear(name, in_features, out_features, bias):
+            return PMoELinear(in_features, out_features, bias, config, name in targets)
+
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
+        self.q_proj = linear("q_proj", config.hidden_size, q_size, config.attention_bias)
+        self.k_proj = linear("k_proj", config.hidden_size, kv_size, config.attention_bias)
+        self.v_proj = linear("v_proj", config.hidden_size, kv_size, config.attention_bias)
+        self.o_proj = linear("o_proj", q_size, config.hidden_size, out_bias)
+        if config.qk_norm:
+            self.q_norm = PMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = PMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        expert_gates: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states, expert_gates).view(hidden_shape)
+        key_states = self.k_proj(hidden_states, expert_gates).view(hidden_shape)
+        value_states = self.v_proj(hidden_states, expert_gates).view(hidden_shape).transpose(1, 2)
+        if self.q_norm is not None:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output, expert_gates), attn_weights
+
+
+class PMoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: PMoEConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.is_deep = layer_idx >= config.num_shallow_layers
+        self.self_attn = PMoEAttention(config, layer_idx, with_experts=self.is_deep)
+        self.mlp = PMoEMLP(config, with_experts=self.is_deep)
+        self.input_layernorm = PMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = PMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        expert_gates: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        # The gates arrive as an argument, not module state, so gradient checkpointing recomputes with the same ones;
+        # positional, so that reentrant checkpointing also carries their gradient back to the router.
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            expert_gates=expert_gates,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states, expert_gates)
+        return residual + hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------- models
+class PMoEPreTrainedModel(PreTrainedModel):
+    config: PMoEConfig
+    config_class = PMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PMoEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the expert count changes the graph; not tested under fullgraph compile yet
+    _can_record_outputs = {
+        "hidden_states": PMoEDecoderLayer,
+        "attentions": PMoEAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, PMoELoRAExpert):
+            module.reset_parameters()
+        elif isinstance(module, PMoERouterKey):
+            module.reset_parameters()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers records only the saved class in `auto_map`; list both heads so `AutoModel` and
+        # `AutoModelForCausalLM` both load the checkpoint as remote code.
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoConfig": "configuration_pmoe.PMoEConfig",
+                "AutoModel": "modeling_pmoe.PMoEModel",
+                "AutoModelForCausalLM": "modeling_pmoe.PMoEForCausalLM",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # -------------------------------------------------------------- growth API
+    def _pmoe_model(self) -> "PMoEModel":
+        model = self.base_model
+        if not isinstance(model, PMoEModel):
+            raise TypeError(f"{type(self).__name__} has no PMoEModel at `{self.base_model_prefix}`.")
+        return model
+
+    def expert_linears(self) -> list[PMoELinear]:
+        """Every linear that carries experts (the targeted projections of the deep layers)."""
+        return [module for module in self.modules() if isinstance(module, PMoELinear) and module.with_experts]
+
+    def expert_routers(self) -> list[PMoERouter]:
+        return list(self._pmoe_model().routers)
+
+    def expert_parameters(self, index: int) -> dict[str, nn.Parameter]:
+        """The parameters that belong to expert `index`: its LoRA A/B in every deep target and its router key/bias."""
+        if not 0 <= index < self.config.num_experts:
+            raise IndexError(f"expert index {index} out of range: the model has {self.config.num_experts} experts.")
+        names = {}
+        for name, param in self.named_parameters():
+            if self._expert_index_of(name) == index:
+                names[name] = param
+        return names
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter that belongs to no expert (embeddings, attention, MLP, norms, LM head)."""
+        return {name: param for name, param in self.named_parameters() if self._expert_index_of(name) is None}
+
+    @staticmethod
+    def _expert_index_of(parameter_name: str) -> int | None:
+        # Expert tensors live under `...experts.{e}.` (LoRA A/B in linears, key/bias in routers).
+        parts = parameter_name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part == "experts" and parts[i + 1].isdigit():
+                return int(parts[i + 1])
+        return None
+
+    def freeze_experts(self, indices: Iterable[int] | None = None, frozen: bool = True):
+        """Set `requires_grad=not frozen` on the given experts (default: all) and their router entries."""
+        indices = range(self.config.num_experts) if indices is None else indices
+        for index in indices:
+            for param in self.expert_parameters(index).values():
+                param.requires_grad_(not frozen)
+
+    def add_expert(self, task_name: str, freeze_previous: bool = True) -> int:
+        """Grow one expert for `task_name` in every deep target and one key in every router; return its index.
+
+        The new LoRA B and router key start at zero, so the model's outputs do not change (exactly, with the default
+        sigmoid gates). Every earlier expert and router entry is frozen unless `freeze_previous=False`; base weights
+        are frozen unless `config.train_base_weights`. The new expert is trainable.
+        """
+        config = self.config
+        if not isinstance(task_name, str) or not task_name.strip():
+            raise ValueError(f"add_expert needs a non-empty task name, got {task_name!r}.")
+        if task_name in config.expert_tasks:
+            raise ValueError(
+                f"Task {task_name!r} already has expert {config.expert_tasks.index(task_name)}; "
+                f"existing tasks: {config.expert_tasks}. Use a new task name."
+            )
+        if config.max_experts is not None and config.num_experts >= config.max_experts:
+            raise ValueError(
+                f"Cannot add expert for {task_name!r}: the model already has max_experts={config.max_experts} experts."
+            )
+        index = config.num_experts
+        new_params = []
+        for linear in self.expert_linears():
+            expert = linear.add_expert()
+            new_params += list(expert.parameters())
+        reference = self.get_input_embeddings().weight
+        for router in self.expert_routers():
+            new_params += list(router.add_key(reference.device, reference.dtype).parameters())
+        config.num_experts = index + 1
+        config.expert_tasks = [*config.expert_tasks, task_name]
+        config.validate_pmoe()
+
+        if freeze_previous:
+            self.freeze_experts(range(index))
+        for param in self.base_parameters().values():
+            param.requires_grad_(config.train_base_weights)
+        for param in new_params:
+            param.requires_grad_(True)
+        return index
+
+
+class PMoEModel(PMoEPreTrainedModel):
+    def __init__(self, config: PMoEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [PMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        num_routers = len(config.deep_layer_indices) if config.router_per_layer else 1
+        self.routers = nn.ModuleList([PMoERouter(config) for _ in range(num_routers)])
+        self.norm = PMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = PMoERotaryEmbedding(config=config)
+        self.has_sliding_layers = "sliding_attention" in config.layer_types
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        causal_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if self.has_sliding_layers:
+            causal_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+
+        has_experts = self.config.num_experts > 0
+        first_deep = self.config.num_shallow_layers
+        expert_gates = None
+        router_logits = ()
+        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if has_experts and (layer_idx == first_deep or (layer_idx > first_deep and self.config.router_per_layer)):
+                router = self.routers[layer_idx - first_deep if self.config.router_per_layer else 0]
+                logits, expert_gates = router(hidden_states)
+                router_logits += (logits.reshape(-1, logits.shape[-1]),)
+            hidden_states = decoder_layer(
+                hidden_states,
+                expert_gates if layer_idx >= first_deep else None,
+                attention_mask=causal_masks[self.config.layer_types[layer_idx]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            router_logits=router_logits if output_router_logits and has_experts else None,
+        )
+
+
+class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: PMoEConfig):
+        super().__init__(config)
+        self.model = PMoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # -------------------------------------------------------------- conversion from dense checkpoints
+    @classmethod
+    def from_dense(cls, model_or_path, num_shallow_layers: int | None = None, dense_kwargs: dict | None = None,
+                   **pmoe_options):
+        """Convert a dense `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM`.
+
+        `model_or_path` is a loaded model or a folder / repo id (loaded with `AutoModelForCausalLM.from_pretrained(
+        model_or_path, **dense_kwargs)`). The result has no experts and the same logits as the source; its base weights
+        are copies (the source is left untouched). `pmoe_options` are PMoE config fields (`expert_rank`, ...).
+        """
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            dense = AutoModelForCausalLM.from_pretrained(model_or_path, **(dense_kwargs or {}))
+        elif isinstance(model_or_path, PreTrainedModel):
+            dense = model_or_path
+        else:
+            raise TypeError(
+                f"from_dense takes a PreTrainedModel or a path / repo id, got {type(model_or_path).__name__}."
+            )
+        if num_shallow_layers is not None:
+            pmoe_options["num_shallow_layers"] = num_shallow_layers
+        config = PMoEConfig.from_dense_config(dense.config, **pmoe_options)
+        expected_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[dense.config.model_type]
+        if type(dense).__name__ != expected_class:
+            raise ValueError(
+                f"from_dense expects a causal LM ({expected_class}), got {type(dense).__name__}."
+            )
+        model = cls._from_config(
+            config, dtype=dense.dtype, attn_implementation=dense.config._attn_implementation
+        )
+        missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"Converting {type(dense).__name__} to PMoE: weights do not line up (missing {missing}, "
+                f"unexpected {unexpected})."
+            )
+        model.to(dense.device)
+        if getattr(dense, "generation_config", None) is not None and hasattr(model, "generation_config"):
+            model.generation_config = dense.generation_config.__class__.from_dict(dense.generation_config.to_dict())
+        return model
+
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Language modeling labels; `-100` is ignored.
+        output_router_logits (`bool`, *optional*):
+            Return the router logits (one `[batch * seq, num_experts]` tensor per router) and, when
+            `config.router_aux_loss_coef > 0`, add the load-balancing loss to `loss`.
+
+        Example:
+
+        ```python
+        >>> import pmoe
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = pmoe.PMoEForCausalLM.from_dense("path/to/llama", num_shallow_layers=16)
+        >>> model.add_expert("sql")  # new, trainable expert; everything else frozen
+        ```
+        """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits,
+                self.config.num_experts,
+                max(1, self.config.effective_top_k),
+                attention_mask,
+            )
+            if labels is not None and self.config.router_aux_loss_coef > 0:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+__all__ = ["PMoEPreTrainedModel", "PMoEModel", "PMoEForCausalLM", "PMoELinear", "PMoERouter", "PMoERouterKey", "PMoELoRAExpert"]

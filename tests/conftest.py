@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random dense models of every supported family, built in code (no network)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import pmoe
+
+
+VOCAB = 97
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True, mlp_bias=True)),
+    # A short sliding window so the sliding mask really cuts on the test's sequence lengths.
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**TINY, sliding_window=5, head_dim=16)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=True)),
+    "qwen3": lambda: Qwen3ForCausalLM(
+        Qwen3Config(**TINY, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    ),
+}
+
+
+def make_dense(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = FAMILIES[family]()
+    # Random (not zero) biases and norm weights, so the conversion test sees them copied.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.normal_(0, 0.5)
+    return model.eval()
+
+
+def tiny_pmoe_config(**overrides) -> pmoe.PMoEConfig:
+    fields = dict(TINY, num_shallow_layers=2, expert_rank=4)
+    fields.update(overrides)
+    return pmoe.PMoEConfig(**fields)
+
+
+def make_pmoe(seed: int = 0, **overrides) -> pmoe.PMoEForCausalLM:
+    torch.manual_seed(seed)
+    return pmoe.PMoEForCausalLM(tiny_pmoe_config(**overrides)).eval()
+
+
+def randomize_experts(model, indices=None, seed: int = 1):
+    """Give experts (and router keys) non-zero values, as training would, so growth tests are not trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = range(model.config.num_experts) if indices is None else indices
+    with torch.no_grad():
+        for index in indices:
+            for param in model.expert_parameters(index).values():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def padded_batch(batch: int = 3, length: int = 9, seed: int = 0, side: str = "left"):
+    """Random ids with an attention mask; row i has i padding tokens on the given side."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):
+        pad = min(row, length - 1)
+        if pad:
+            if side == "left":
+                attention_mask[row, :pad] = 0
+                input_ids[row, :pad] = TINY["pad_token_id"]
+            else:
+                attention_mask[row, -pad:] = 0
+                input_ids[row, -pad:] = TINY["pad_token_id"]
+    return input_ids, attention_mask
+
+
+@pytest.fixture
+def tiny_model():
+    return make_pmoe()

@@ -1,0 +1,299 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pmoe import PMoEConfig, PMoEForCausalLM, PMoELinear, PMoEModel
+from pmoe.modeling_pmoe import route
+
+from conftest import make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
+
+
+def logits_of(model, input_ids, attention_mask):
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+# --------------------------------------------------------------------------------- structure
+def test_experts_live_only_in_the_deep_targets():
+    model = make_pmoe(num_shallow_layers=1, expert_target_modules=["q_proj", "down_proj"])
+    model.add_expert("a")
+    names = [name for name in model.state_dict() if ".experts." in name and name.startswith("model.layers.")]
+    assert names  # one lora_A and one lora_B per deep target
+    assert {name.split(".")[2] for name in names} == {"1", "2", "3"}
+    assert {name.split(".")[4] for name in names} == {"q_proj", "down_proj"}
+    assert "model.layers.1.self_attn.q_proj.experts.0.lora_A" in names
+    assert "model.layers.3.mlp.down_proj.experts.0.lora_B" in names
+    assert "model.routers.0.experts.0.key" in model.state_dict()
+    assert len(model.expert_linears()) == 3 * 2
+
+
+def test_a_fresh_model_is_a_plain_trainable_transformers_model():
+    model = make_pmoe(num_experts=2, expert_tasks=["a", "b"])
+    # Freezing belongs to the growth API: construction leaves everything trainable.
+    assert all(param.requires_grad for param in model.parameters())
+    for linear in model.expert_linears():
+        for expert in linear.experts:
+            assert torch.count_nonzero(expert.lora_B) == 0
+            assert torch.count_nonzero(expert.lora_A) > 0
+    for router in model.expert_routers():
+        assert all(torch.count_nonzero(entry.key) == 0 for entry in router.experts)
+
+
+def test_every_parameter_is_initialised_from_the_meta_device(tmp_path):
+    # from_pretrained builds on the meta device and materialises what the checkpoint lacks via _init_weights.
+    config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"])
+    model = PMoEForCausalLM._from_config(config)
+    expert_keys = {k for k in model.state_dict() if ".experts." in k}
+    assert len(expert_keys) == 2 * (2 * 7 * 2 + 2)
+    state = {k: v for k, v in model.state_dict().items() if k not in expert_keys}
+    model.save_pretrained(tmp_path, state_dict=state)
+    loaded, info = PMoEForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == expert_keys
+    for name, param in loaded.named_parameters():
+        assert torch.isfinite(param).all(), name
+        if name.endswith("lora_B") or ".routers." in name:
+            assert torch.count_nonzero(param) == 0, name
+        if name.endswith("lora_A"):
+            assert param.abs().max() > 0, name
+            bound = 1 / param.shape[1] ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in
+            assert param.abs().max() <= bound + 1e-6, name
+
+
+# --------------------------------------------------------------------------------- growth
+def test_add_expert_records_tasks_and_returns_indices():
+    model = make_pmoe()
+    assert model.add_expert("sql") == 0
+    assert model.add_expert("chat") == 1
+    assert model.config.num_experts == 2
+    assert model.config.expert_tasks == ["sql", "chat"]
+    assert model.model.config is model.config
+
+
+def test_requires_grad_after_each_growth():
+    model = make_pmoe(router_per_layer=True)
+    base_names = set(model.base_parameters())
+    for step, task in enumerate(["a", "b", "c"]):
+        model.add_expert(task)
+        assert all(not model.get_parameter(name).requires_grad for name in base_names), task
+        for index in range(step + 1):
+            params = model.expert_parameters(index)
+            # LoRA A+B in 2 deep layers x 7 targets, key+bias in 2 per-layer routers
+            assert len(params) == 2 * 7 * 2 + 2 * 2
+            assert all(p.requires_grad == (index == step) for p in params.values()), (task, index)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(model.expert_parameters(2))
+
+
+def test_growth_options_keep_previous_or_base_trainable():
+    model = make_pmoe(train_base_weights=True)
+    model.add_expert("a")
+    model.add_expert("b", freeze_previous=False)
+    assert all(p.requires_grad for p in model.parameters())
+
+    model = make_pmoe()
+    model.add_expert("a")
+    model.freeze_experts([0], frozen=False)
+    model.add_expert("b", freeze_previous=False)
+    assert all(p.requires_grad for p in model.expert_parameters(0).values())
+    assert not any(p.requires_grad for p in model.base_parameters().values())
+
+
+def test_growth_from_untrained_experts_is_exact():
+    model = make_pmoe()
+    input_ids, attention_mask = padded_batch()
+    before = logits_of(model, input_ids, attention_mask)
+    model.add_expert("a")
+    model.add_expert("b")
+    assert torch.equal(logits_of(model, input_ids, attention_mask), before)
+
+
+@pytest.mark.parametrize("router_per_layer", [False, True])
+def test_growth_after_training_leaves_outputs_unchanged(router_per_layer):
+    model = make_pmoe(router_per_layer=router_per_layer)
+    model.add_expert("a")
+    model.add_expert("b")
+    randomize_experts(model)  # as if both tasks had been trained
+    input_ids, attention_mask = padded_batch()
+    before = logits_of(model, input_ids, attention_mask)
+    assert not torch.equal(before, logits_of(make_pmoe(), input_ids, attention_mask))  # experts do act
+    model.add_expert("c")
+    after = logits_of(model, input_ids, attention_mask)
+    # Sigmoid gates are independent and the new LoRA B is zero: unchanged up to float32 summation order
+    # (the concatenated matmul of 3 experts sums in another order than that of 2).
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_gates_renormalise_when_an_expert_is_added():
+    # Documented trade-off: softmax shares each token's gate mass, so growth moves old outputs.
+    model = make_pmoe(router_activation="softmax")
+    model.add_expert("a")
+    randomize_experts(model)
+    input_ids, attention_mask = padded_batch()
+    before = logits_of(model, input_ids, attention_mask)
+    model.add_expert("b")
+    assert (logits_of(model, input_ids, attention_mask) - before).abs().max() > 1e-3
+
+
+def test_bad_growth_requests_are_refused_without_changes():
+    model = make_pmoe(max_experts=2)
+    model.add_expert("a")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already has expert 0"):
+        model.add_expert("a")
+    with pytest.raises(ValueError, match="non-empty task name"):
+        model.add_expert("  ")
+    model.add_expert("b")
+    with pytest.raises(ValueError, match="max_experts=2"):
+        model.add_expert("c")
+    assert model.config.expert_tasks == ["a", "b"]
+    assert set(model.state_dict()) == set(state) | set(model.expert_parameters(1))
+    with pytest.raises(IndexError, match="2 experts"):
+        model.expert_parameters(2)
+
+
+def test_training_step_changes_only_the_new_expert():
+    model = make_pmoe()
+    model.add_expert("a")
+    randomize_experts(model)
+    model.add_expert("b")
+    model.train()
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    input_ids, attention_mask = padded_batch()
+    for _ in range(3):
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    new = model.expert_parameters(1)
+    assert any(torch.count_nonzero(p) for n, p in new.items() if n.endswith("lora_B"))
+
+
+# --------------------------------------------------------------------------------- expert layer and router
+def test_expert_linear_matches_a_per_expert_reference():
+    config = tiny_pmoe_config(num_experts=3, expert_tasks=["a", "b", "c"], expert_rank=4)
+    torch.manual_seed(0)
+    linear = PMoELinear(32, 24, True, config, with_experts=True)
+    for expert in linear.experts:
+        torch.nn.init.normal_(expert.lora_B)
+    x = torch.randn(2, 5, 32)
+    gates = torch.rand(2, 5, 3)
+    expected = F.linear(x, linear.weight, linear.bias)
+    for e, expert in enumerate(linear.experts):
+        delta = x @ expert.lora_A.T @ expert.lora_B.T
+        expected = expected + config.expert_scaling * gates[..., e : e + 1] * delta
+    torch.testing.assert_close(linear(x, gates), expected, rtol=1e-5, atol=1e-5)
+    # No gate: base weights only, never "all experts at weight 1".
+    assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+    with pytest.raises(ValueError, match="gates for 2 experts but has 3"):
+        linear(x, gates[..., :2])
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_top_k_keeps_exactly_k_experts_per_token(activation):
+    logits = torch.randn(4, 6, 5)
+    gates = route(logits, activation, top_k=2)
+    assert ((gates > 0).sum(-1) == 2).all()
+    chosen = gates.topk(2, dim=-1).indices.sort(-1).values
+    assert torch.equal(chosen, logits.topk(2, dim=-1).indices.sort(-1).values)
+    if activation == "softmax":
+        torch.testing.assert_close(gates.sum(-1), torch.ones(4, 6))
+    else:
+        torch.testing.assert_close(gates[gates > 0], torch.sigmoid(logits)[gates > 0])
+    dense = route(logits, activation, top_k=None)
+    assert (dense > 0).all()
+    assert torch.equal(route(logits, activation, top_k=0), dense)
+    assert torch.equal(route(logits, activation, top_k=9), dense)  # fewer experts than k: all of them
+
+
+def test_router_temperature_sharpens_gates():
+    model = make_pmoe(router_temperature=0.1, num_experts=2, expert_tasks=["a", "b"])
+    router = model.expert_routers()[0]
+    with torch.no_grad():
+        router.experts[0].key.normal_()
+    hidden = torch.randn(1, 3, 32)
+    logits, _ = router(hidden)
+    features = F.rms_norm(hidden, (32,), eps=model.config.rms_norm_eps)
+    torch.testing.assert_close(logits[..., 0], (features @ router.experts[0].key) / 0.1)
+
+
+def test_router_logits_and_load_balancing_loss():
+    model = make_pmoe(router_top_k=1, router_aux_loss_coef=0.5)
+    input_ids, attention_mask = padded_batch()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
+    assert out.router_logits is None and out.aux_loss is None  # no experts yet
+    model.add_expert("a")
+    model.add_expert("b")
+    randomize_experts(model)
+    plain = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
+    assert len(out.router_logits) == 1
+    assert out.router_logits[0].shape == (input_ids.numel(), 2)
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.aux_loss)
+
+    per_layer = make_pmoe(router_per_layer=True, num_shallow_layers=1)
+    per_layer.add_expert("a")
+    out = per_layer(input_ids=input_ids, output_router_logits=True)
+    assert len(out.router_logits) == 3  # one router per deep layer
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    def gradients(checkpointing):
+        model = make_pmoe()
+        model.add_expert("a")
+        randomize_experts(model)
+        model.add_expert("b")
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+        input_ids, attention_mask = padded_batch()
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    assert any(".routers." in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_custom_4d_mask_and_inputs_embeds():
+    model = make_pmoe()
+    model.add_expert("a")
+    randomize_experts(model)
+    input_ids, attention_mask = padded_batch(batch=1, length=6)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        embeds = model.get_input_embeddings()(input_ids)
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, expected)
+        causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None]
+        mask_4d = torch.zeros(1, 1, 6, 6).masked_fill(~causal, torch.finfo(torch.float32).min)
+        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask_4d).logits, expected)
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(input_ids=input_ids, inputs_embeds=embeds)
+
+
+def test_bfloat16_forward_and_backward():
+    model = make_pmoe().to(torch.bfloat16)
+    model.add_expert("a")
+    assert model.expert_parameters(0)["model.routers.0.experts.0.key"].dtype == torch.bfloat16
+    input_ids, attention_mask = padded_batch()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert model.model.layers[3].mlp.down_proj.experts[0].lora_B.grad is not None
+
+
+def test_auto_classes_are_registered():
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    fields = {k: v for k, v in tiny_pmoe_config().to_diff_dict().items() if k != "model_type"}
+    config = AutoConfig.for_model("pmoe", **fields)
+    assert isinstance(config, PMoEConfig)
+    assert isinstance(AutoModel.from_config(config), PMoEModel)
+    assert isinstance(AutoModelForCausalLM.from_config(config), PMoEForCausalLM)
