@@ -111,3 +111,18 @@ def test_a_base_model_without_lm_head_is_refused():
 def test_from_dense_refuses_other_inputs():
     with pytest.raises(TypeError, match="PreTrainedModel or a path"):
         PMoEForCausalLM.from_dense(42)
+
+
+def test_tied_embeddings_survive_save_and_load(tmp_path):
+    model = PMoEForCausalLM.from_dense(make_dense("qwen2"), num_shallow_layers=2).eval()
+    model.add_expert("a")
+    randomize_experts(model)
+    model.save_pretrained(tmp_path)
+    loaded = PMoEForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    input_ids, attention_mask = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(input_ids=input_ids, attention_mask=attention_mask).logits,
+            model(input_ids=input_ids, attention_mask=attention_mask).logits,
+        )

@@ -68,3 +68,21 @@ def test_converted_model_generates_like_its_dense_source():
         expected = dense.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         got = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("source", ["pmoe", "qwen3"])
+def test_static_cache_generation_matches_dynamic_cache(source):
+    if source == "pmoe":
+        model = grown_model(2, router_top_k=1)
+    else:  # converted, with sliding-window layers
+        model = PMoEForCausalLM.from_dense(make_dense("qwen3"), num_shallow_layers=1).eval()
+        model.add_expert("a")
+        randomize_experts(model)
+    input_ids, attention_mask = padded_batch(batch=2, length=6, side="left")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        static = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, cache_implementation="static", **kwargs
+        )
+    assert torch.equal(static, dynamic)
