@@ -68,14 +68,29 @@ def make_pmoe(seed: int = 0, **overrides) -> pmoe.PMoEForCausalLM:
     return pmoe.PMoEForCausalLM(tiny_pmoe_config(**overrides)).eval()
 
 
+# The paper's setting: per-token routing with router keys learned by gradient descent.
+TOKEN_LEARNED = dict(routing="token", router_keys="learned")
+
+
 def randomize_experts(model, indices=None, seed: int = 1):
-    """Give experts (and router keys) non-zero values, as training would, so growth tests are not trivial."""
+    """Give experts and router keys values as training would (LoRA weights, learned keys, or fitted Gaussian keys),
+    so growth and routing tests are not trivial."""
     generator = torch.Generator().manual_seed(seed)
     indices = range(model.config.num_experts) if indices is None else indices
     with torch.no_grad():
         for index in indices:
-            for param in model.expert_parameters(index).values():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+            for name, tensor in model.expert_tensors(index).items():
+                if name.endswith(("lora_A", "lora_B", ".key", ".bias")):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+            for router in model.expert_routers():
+                entry = router.experts[index]
+                if entry.kind == "gaussian":
+                    count = 10.0
+                    mean = torch.randn(entry.feature_sum.shape, generator=generator) * 0.5
+                    variance = torch.rand(entry.feature_sum.shape, generator=generator) + 0.5
+                    entry.count.fill_(count)
+                    entry.feature_sum.copy_(mean * count)
+                    entry.feature_sq_sum.copy_((variance + mean.square()) * count)
 
 
 def padded_batch(batch: int = 3, length: int = 9, seed: int = 0, side: str = "left"):

@@ -3,16 +3,22 @@ import torch
 
 from pmoe import PMoEForCausalLM
 
-from conftest import make_dense, make_pmoe, padded_batch, randomize_experts
+from conftest import TOKEN_LEARNED, make_dense, make_pmoe, padded_batch, randomize_experts
 
 
 def greedy_by_recomputation(model, input_ids, attention_mask, steps):
-    """Reference decoding: the full sequence through the model at every step, no cache."""
-    ids, mask = input_ids, attention_mask
+    """Reference decoding: the full sequence through the model at every step, no cache; with sequence routing, the
+    gate computed from the prompt is reused at every step."""
+    ids, mask, routing_weights = input_ids, attention_mask, None
     with torch.no_grad():
         for _ in range(steps):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                routing_weights=routing_weights,
+            )
+            logits = out.logits
+            routing_weights = out.routing_weights if routing_weights is None else routing_weights
             next_logits = logits[:, -1].clone()
             next_logits[:, model.config.eos_token_id] = float("-inf")  # as generate's min_new_tokens does
             next_token = next_logits.argmax(-1, keepdim=True)
@@ -31,7 +37,11 @@ def grown_model(num_experts, **overrides):
 
 
 @pytest.mark.parametrize("num_experts", [0, 1, 3])
-@pytest.mark.parametrize("overrides", [{}, {"router_top_k": 1, "router_per_layer": True}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"router_top_k": 1}, {"expert_layers": "all"}, dict(TOKEN_LEARNED, router_top_k=1, router_per_layer=True)],
+    ids=["sequence", "sequence-top1", "shallow-experts", "token-per-layer"],
+)
 def test_cached_greedy_generation_equals_recomputation(num_experts, overrides):
     model = grown_model(num_experts, **overrides)
     input_ids, attention_mask = padded_batch(batch=3, length=7, side="left")

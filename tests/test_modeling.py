@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from pmoe import PMoEConfig, PMoEForCausalLM, PMoELinear, PMoEModel
 from pmoe.modeling_pmoe import route
 
-from conftest import make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
+from conftest import TOKEN_LEARNED, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
 
 
 def logits_of(model, input_ids, attention_mask):
@@ -15,7 +15,7 @@ def logits_of(model, input_ids, attention_mask):
 
 # --------------------------------------------------------------------------------- structure
 def test_experts_live_only_in_the_deep_targets():
-    model = make_pmoe(num_shallow_layers=1, expert_target_modules=["q_proj", "down_proj"])
+    model = make_pmoe(num_shallow_layers=1, expert_target_modules=["q_proj", "down_proj"], **TOKEN_LEARNED)
     model.add_expert("a")
     names = [name for name in model.state_dict() if ".experts." in name and name.startswith("model.layers.")]
     assert names  # one lora_A and one lora_B per deep target
@@ -27,8 +27,9 @@ def test_experts_live_only_in_the_deep_targets():
     assert len(model.expert_linears()) == 3 * 2
 
 
-def test_a_fresh_model_is_a_plain_trainable_transformers_model():
-    model = make_pmoe(num_experts=2, expert_tasks=["a", "b"])
+@pytest.mark.parametrize("keys", ["learned", "gaussian"])
+def test_a_fresh_model_is_a_plain_trainable_transformers_model(keys):
+    model = make_pmoe(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)
     # Freezing belongs to the growth API: construction leaves everything trainable.
     assert all(param.requires_grad for param in model.parameters())
     for linear in model.expert_linears():
@@ -36,20 +37,22 @@ def test_a_fresh_model_is_a_plain_trainable_transformers_model():
             assert torch.count_nonzero(expert.lora_B) == 0
             assert torch.count_nonzero(expert.lora_A) > 0
     for router in model.expert_routers():
-        assert all(torch.count_nonzero(entry.key) == 0 for entry in router.experts)
+        for entry in router.experts:
+            assert all(torch.count_nonzero(tensor) == 0 for tensor in [*entry.parameters(), *entry.buffers()])
 
 
-def test_every_parameter_is_initialised_from_the_meta_device(tmp_path):
+@pytest.mark.parametrize("keys, router_tensors", [("learned", 2), ("gaussian", 3)])
+def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, router_tensors):
     # from_pretrained builds on the meta device and materialises what the checkpoint lacks via _init_weights.
-    config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"])
+    config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)
     model = PMoEForCausalLM._from_config(config)
     expert_keys = {k for k in model.state_dict() if ".experts." in k}
-    assert len(expert_keys) == 2 * (2 * 7 * 2 + 2)
+    assert len(expert_keys) == 2 * (2 * 7 * 2 + router_tensors)
     state = {k: v for k, v in model.state_dict().items() if k not in expert_keys}
     model.save_pretrained(tmp_path, state_dict=state)
     loaded, info = PMoEForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert set(info["missing_keys"]) == expert_keys
-    for name, param in loaded.named_parameters():
+    for name, param in [*loaded.named_parameters(), *loaded.named_buffers()]:
         assert torch.isfinite(param).all(), name
         if name.endswith("lora_B") or ".routers." in name:
             assert torch.count_nonzero(param) == 0, name
@@ -70,7 +73,7 @@ def test_add_expert_records_tasks_and_returns_indices():
 
 
 def test_requires_grad_after_each_growth():
-    model = make_pmoe(router_per_layer=True)
+    model = make_pmoe(router_per_layer=True, **TOKEN_LEARNED)
     base_names = set(model.base_parameters())
     for step, task in enumerate(["a", "b", "c"]):
         model.add_expert(task)
@@ -107,9 +110,12 @@ def test_growth_from_untrained_experts_is_exact():
     assert torch.equal(logits_of(model, input_ids, attention_mask), before)
 
 
-@pytest.mark.parametrize("router_per_layer", [False, True])
-def test_growth_after_training_leaves_outputs_unchanged(router_per_layer):
-    model = make_pmoe(router_per_layer=router_per_layer)
+@pytest.mark.parametrize(
+    "routing", [{}, {"router_top_k": 1}, TOKEN_LEARNED, dict(TOKEN_LEARNED, router_per_layer=True)],
+    ids=["sequence-gaussian", "sequence-gaussian-top1", "token-learned", "token-learned-per-layer"],
+)
+def test_growth_after_training_leaves_outputs_unchanged(routing):
+    model = make_pmoe(**routing)
     model.add_expert("a")
     model.add_expert("b")
     randomize_experts(model)  # as if both tasks had been trained
@@ -118,14 +124,14 @@ def test_growth_after_training_leaves_outputs_unchanged(router_per_layer):
     assert not torch.equal(before, logits_of(make_pmoe(), input_ids, attention_mask))  # experts do act
     model.add_expert("c")
     after = logits_of(model, input_ids, attention_mask)
-    # Sigmoid gates are independent and the new LoRA B is zero: unchanged up to float32 summation order
-    # (the concatenated matmul of 3 experts sums in another order than that of 2).
+    # The new LoRA B is zero, and the new gate is 0 (unfitted Gaussian key) or independent of the old ones (sigmoid):
+    # unchanged up to float32 summation order (the concatenated matmul of 3 experts sums in another order than 2).
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_softmax_gates_renormalise_when_an_expert_is_added():
     # Documented trade-off: softmax shares each token's gate mass, so growth moves old outputs.
-    model = make_pmoe(router_activation="softmax")
+    model = make_pmoe(router_activation="softmax", **TOKEN_LEARNED)
     model.add_expert("a")
     randomize_experts(model)
     input_ids, attention_mask = padded_batch()
@@ -146,7 +152,7 @@ def test_bad_growth_requests_are_refused_without_changes():
     with pytest.raises(ValueError, match="max_experts=2"):
         model.add_expert("c")
     assert model.config.expert_tasks == ["a", "b"]
-    assert set(model.state_dict()) == set(state) | set(model.expert_parameters(1))
+    assert set(model.state_dict()) == set(state) | set(model.expert_tensors(1))
     with pytest.raises(IndexError, match="2 experts"):
         model.expert_parameters(2)
 
@@ -158,6 +164,7 @@ def test_training_step_changes_only_the_new_expert():
     model.add_expert("b")
     model.train()
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    old_key_sum = model.model.routers[0].experts[0].feature_sum.clone()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     input_ids, attention_mask = padded_batch()
     for _ in range(3):
@@ -168,6 +175,8 @@ def test_training_step_changes_only_the_new_expert():
     for name, param in model.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), name
+    assert torch.equal(model.model.routers[0].experts[0].feature_sum, old_key_sum)  # old key's statistics too
+    assert model.model.routers[0].experts[1].count > 0  # the new key was fitted from the task's batches
     new = model.expert_parameters(1)
     assert any(torch.count_nonzero(p) for n, p in new.items() if n.endswith("lora_B"))
 
@@ -210,18 +219,18 @@ def test_top_k_keeps_exactly_k_experts_per_token(activation):
 
 
 def test_router_temperature_sharpens_gates():
-    model = make_pmoe(router_temperature=0.1, num_experts=2, expert_tasks=["a", "b"])
+    model = make_pmoe(router_temperature=0.1, num_experts=2, expert_tasks=["a", "b"], **TOKEN_LEARNED)
     router = model.expert_routers()[0]
     with torch.no_grad():
         router.experts[0].key.normal_()
     hidden = torch.randn(1, 3, 32)
-    logits, _ = router(hidden)
+    logits, _ = router(router.features(hidden, None))
     features = F.rms_norm(hidden, (32,), eps=model.config.rms_norm_eps)
     torch.testing.assert_close(logits[..., 0], (features @ router.experts[0].key) / 0.1)
 
 
 def test_router_logits_and_load_balancing_loss():
-    model = make_pmoe(router_top_k=1, router_aux_loss_coef=0.5)
+    model = make_pmoe(router_top_k=1, router_aux_loss_coef=0.5, **TOKEN_LEARNED)
     input_ids, attention_mask = padded_batch()
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
     assert out.router_logits is None and out.aux_loss is None  # no experts yet
@@ -235,16 +244,24 @@ def test_router_logits_and_load_balancing_loss():
     assert out.aux_loss > 0
     torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.aux_loss)
 
-    per_layer = make_pmoe(router_per_layer=True, num_shallow_layers=1)
+    per_layer = make_pmoe(router_per_layer=True, num_shallow_layers=1, **TOKEN_LEARNED)
     per_layer.add_expert("a")
     out = per_layer(input_ids=input_ids, output_router_logits=True)
     assert len(out.router_logits) == 3  # one router per deep layer
+
+    # Gaussian keys have nothing to balance: logits (one row per sequence), no auxiliary loss.
+    gaussian = make_pmoe(router_aux_loss_coef=0.5)
+    gaussian.add_expert("a")
+    randomize_experts(gaussian)
+    out = gaussian(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
+    assert out.router_logits[0].shape == (input_ids.shape[0], 1)
+    assert out.aux_loss is None
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     def gradients(checkpointing):
-        model = make_pmoe()
+        model = make_pmoe(**TOKEN_LEARNED)
         model.add_expert("a")
         randomize_experts(model)
         model.add_expert("b")
@@ -278,15 +295,24 @@ def test_custom_4d_mask_and_inputs_embeds():
         model(input_ids=input_ids, inputs_embeds=embeds)
 
 
-def test_bfloat16_forward_and_backward():
-    model = make_pmoe().to(torch.bfloat16)
+@pytest.mark.parametrize("keys", ["learned", "gaussian"])
+def test_bfloat16_forward_and_backward(keys):
+    model = make_pmoe(router_keys=keys).to(torch.bfloat16)
     model.add_expert("a")
-    assert model.expert_parameters(0)["model.routers.0.experts.0.key"].dtype == torch.bfloat16
+    randomize_experts(model)
+    model.add_expert("b")
+    model.train()
+    entry = model.model.routers[0].experts[0]
+    if keys == "learned":
+        assert entry.key.dtype == torch.bfloat16
+    else:  # Gaussian statistics are never rounded to bf16
+        assert entry.feature_sum.dtype == torch.float32
+        assert entry.feature_sum.dtype == model.to(torch.bfloat16).model.routers[0].experts[0].feature_sum.dtype
     input_ids, attention_mask = padded_batch()
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
-    assert model.model.layers[3].mlp.down_proj.experts[0].lora_B.grad is not None
+    assert model.model.layers[3].mlp.down_proj.experts[1].lora_B.grad is not None
 
 
 def test_auto_classes_are_registered():

@@ -16,6 +16,9 @@ PMOE_FORMAT_VERSION = 1
 
 EXPERT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
+ROUTING_MODES = ("sequence", "token")
+ROUTER_KEY_TYPES = ("gaussian", "learned")
+EXPERT_LAYER_CHOICES = ("deep", "all")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Dense architectures `PMoEConfig.from_dense_config` knows how to convert, by `model_type`.
@@ -51,16 +54,32 @@ class PMoEConfig(PreTrainedConfig):
     - `expert_dropout` (`float`, defaults to 0.0): dropout on the expert input, as PEFT's `lora_dropout`.
     - `expert_target_modules` (list of `str`, defaults to all seven projections): which linears of the deep layers
       carry experts, among `q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`.
-    - `router_activation` (`"sigmoid"` or `"softmax"`, defaults to `"sigmoid"`): how router logits become gates.
-      Sigmoid gates are independent per expert, so adding an expert (zero LoRA B) leaves every old gate, and thus
-      the model's outputs, exactly unchanged. Softmax gates are normalised across experts: a new expert takes a
-      share of every token's gate mass, so old outputs move when an expert is added.
+    - `routing` (`"sequence"` or `"token"`, defaults to `"sequence"`): route once per sequence, from the mean boundary
+      feature of its prompt (training: the tokens whose label is -100, or every token when none is; generation: the
+      prefill, whose gate is reused at every decode step), or per token (the paper's setting). A prototype routed
+      about 100% of each task's sequences to its own expert at sequence level and 8-84% of its tokens at token level.
+    - `router_keys` (`"gaussian"` or `"learned"`, defaults to `"gaussian"`): what scores an expert. `"gaussian"`: a
+      diagonal Gaussian of the routing feature per task, fitted from the features the task's training batches produce
+      (no raw data kept, statistics saved with the model); the score is the log-likelihood and, with softmax, the gate
+      is the posterior over tasks. While an expert is trained with Gaussian keys its own task's batches are routed to it
+      (`model.training_expert`). `"learned"`: a key vector and bias per expert, trained by gradient descent.
+    - `router_activation` (`"sigmoid"`, `"softmax"` or `None`, defaults to `None`): how router logits become gates.
+      `None` picks `"softmax"` for Gaussian keys and `"sigmoid"` for learned keys. Sigmoid gates are independent per
+      expert, so adding a learned expert (zero key, zero LoRA B) leaves every old gate, and thus the model's outputs,
+      unchanged. Softmax gates are normalised across experts: a new *learned* expert takes a share of every token's gate
+      mass, so old outputs move when it is added. A new Gaussian key scores `-inf` until it is fitted, so growth is exact.
+    - `router_variance_floor` (`float`, defaults to 1e-3): added to every Gaussian key's variance (features are
+      RMS-normalised, so about 1e-3 of a feature's scale), so a key fitted on few sequences is not infinitely sharp.
+    - `expert_layers` (`"deep"` or `"all"`, defaults to `"deep"`): the asymmetric layout puts experts in the deep
+      layers only. `"all"` also puts them in the shallow layers, gated by the sequence gate computed from a first pass
+      through the shallow block without experts (one extra shallow forward at prefill, none per decode step), for tasks
+      that need new low-level patterns. Needs `routing="sequence"`.
     - `router_top_k` (`int`, *optional*): `None` or `0` means dense gating (every expert, gate from the activation).
-      `k > 0` keeps the `k` highest-scoring experts per token (softmax renormalised over them) and zeroes the rest.
+      `k > 0` keeps the `k` highest-scoring experts per sequence (or token) (softmax renormalised over them) and zeroes the rest.
       While the model has fewer than `k` experts, all of them are used. Must not exceed `max_experts` when that is set.
     - `router_temperature` (`float`, defaults to 1.0): router logits are divided by it before the activation.
     - `router_per_layer` (`bool`, defaults to `False`): one router per deep layer, each reading the hidden state that
-      enters its layer, instead of one shared router at the boundary.
+      enters its layer, instead of one shared router at the boundary. Needs `routing="token"`.
     - `router_aux_loss_coef` (`float`, defaults to 0.0): weight of the load-balancing loss (Switch / Mixtral) added to
       the LM loss when `output_router_logits=True`. Off by default: balancing old, frozen experts against a new one
       fights continual learning.
@@ -115,7 +134,11 @@ class PMoEConfig(PreTrainedConfig):
     expert_use_rslora: bool = False
     expert_dropout: float = 0.0
     expert_target_modules: list[str] | None = None
-    router_activation: str = "sigmoid"
+    routing: str = "sequence"
+    router_keys: str = "gaussian"
+    router_activation: str | None = None
+    router_variance_floor: float = 1e-3
+    expert_layers: str = "deep"
     router_top_k: int | None = None
     router_temperature: float = 1.0
     router_per_layer: bool = False
@@ -140,6 +163,8 @@ class PMoEConfig(PreTrainedConfig):
             self.expert_target_modules = list(EXPERT_TARGET_MODULES)
         self.expert_target_modules = list(self.expert_target_modules)
         self.expert_tasks = list(self.expert_tasks) if self.expert_tasks is not None else []
+        if self.router_activation is None:
+            self.router_activation = "softmax" if self.router_keys == "gaussian" else "sigmoid"
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
@@ -210,7 +235,24 @@ class PMoEConfig(PreTrainedConfig):
             fail("expert_target_modules", f"a non-empty list of distinct names from {list(EXPERT_TARGET_MODULES)}",
                  self.expert_target_modules)
         if self.router_activation not in ROUTER_ACTIVATIONS:
-            fail("router_activation", f"one of {list(ROUTER_ACTIVATIONS)}", self.router_activation)
+            fail("router_activation", f"one of {list(ROUTER_ACTIVATIONS)} (or None for the keys' default)",
+                 self.router_activation)
+        if self.routing not in ROUTING_MODES:
+            fail("routing", f"one of {list(ROUTING_MODES)}", self.routing)
+        if self.router_keys not in ROUTER_KEY_TYPES:
+            fail("router_keys", f"one of {list(ROUTER_KEY_TYPES)}", self.router_keys)
+        if self.expert_layers not in EXPERT_LAYER_CHOICES:
+            fail("expert_layers", f"one of {list(EXPERT_LAYER_CHOICES)}", self.expert_layers)
+        if self.router_per_layer and self.routing != "token":
+            fail("router_per_layer", "False unless routing='token' (a sequence gate comes from one boundary router)",
+                 self.router_per_layer)
+        if self.expert_layers == "all" and self.routing != "sequence":
+            fail("expert_layers", "'deep' unless routing='sequence' (shallow experts are gated by the sequence gate "
+                 "of an expert-free shallow pass)", self.expert_layers)
+        if isinstance(self.router_variance_floor, bool) or not isinstance(
+            self.router_variance_floor, (int, float)
+        ) or not self.router_variance_floor > 0:
+            fail("router_variance_floor", "a number > 0", self.router_variance_floor)
         if isinstance(self.router_temperature, bool) or not isinstance(self.router_temperature, (int, float)) or not (
             self.router_temperature > 0
         ):
@@ -249,6 +291,12 @@ class PMoEConfig(PreTrainedConfig):
         return list(range(self.num_shallow_layers, self.num_hidden_layers))
 
     @property
+    def expert_layer_indices(self) -> list[int]:
+        """The layers whose targeted projections carry experts."""
+        first = 0 if self.expert_layers == "all" else self.num_shallow_layers
+        return list(range(first, self.num_hidden_layers))
+
+    @property
     def effective_top_k(self) -> int:
         """How many experts each token uses now: `router_top_k` capped at `num_experts` (0 experts: 0)."""
         if not self.router_top_k:
@@ -276,7 +324,8 @@ class PMoEConfig(PreTrainedConfig):
             )
         pmoe_fields = {
             "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
-            "expert_target_modules", "router_activation", "router_top_k", "router_temperature", "router_per_layer",
+            "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
+            "expert_layers", "router_top_k", "router_temperature", "router_per_layer",
             "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights",
         }
         unknown = sorted(set(pmoe_options) - pmoe_fields)

@@ -13,6 +13,7 @@ This file is shipped inside every checkpoint as remote code: it imports only tor
 
 import math
 import os
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 
 import torch
@@ -116,26 +117,74 @@ class PMoELinear(nn.Linear):
         return f"{super().extra_repr()}, experts={len(self.experts)}, rank={self.rank}"
 
 
-class PMoERouterKey(nn.Module):
-    """One expert's entry in a router: a key vector and a bias. New keys start at zero."""
+GAUSSIAN_STATISTICS = ("count", "feature_sum", "feature_sq_sum")
 
-    def __init__(self, hidden_size: int):
+
+class PMoERouterKey(nn.Module):
+    """One expert's entry in a router.
+
+    Learned keys: a key vector and a bias (parameters, zero at growth). Gaussian keys: the running count, sum and sum
+    of squares of the routing features seen while the expert was trained (float32 buffers, saved with the model); the
+    key is the diagonal Gaussian they define, and scores `-inf` until it has seen a feature.
+    """
+
+    def __init__(self, config: PMoEConfig):
         super().__init__()
-        self.key = nn.Parameter(torch.empty(hidden_size))
-        self.bias = nn.Parameter(torch.empty(()))
+        self.kind = config.router_keys
+        hidden_size = config.hidden_size
+        if self.kind == "learned":
+            self.key = nn.Parameter(torch.empty(hidden_size))
+            self.bias = nn.Parameter(torch.empty(()))
+        else:
+            self.register_buffer("count", torch.zeros((), dtype=torch.float32))
+            self.register_buffer("feature_sum", torch.zeros(hidden_size, dtype=torch.float32))
+            self.register_buffer("feature_sq_sum", torch.zeros(hidden_size, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self):
-        init.zeros_(self.key)
-        init.zeros_(self.bias)
+        if self.kind == "learned":
+            init.zeros_(self.key)
+            init.zeros_(self.bias)
+        else:
+            for name in GAUSSIAN_STATISTICS:
+                init.zeros_(getattr(self, name))
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the Gaussian statistics: keep them float32 (devices still move).
+        before = {name: self._buffers[name] for name in GAUSSIAN_STATISTICS if name in self._buffers}
+        result = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return result
+
+    @torch.no_grad()
+    def accumulate(self, features: torch.Tensor):
+        """Add routing features `[n, hidden]` to a Gaussian key's statistics."""
+        features = features.float()
+        self.count += features.shape[0]
+        self.feature_sum += features.sum(0)
+        self.feature_sq_sum += features.square().sum(0)
+
+    def gaussian(self, variance_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(mean, variance, fitted)` of a Gaussian key."""
+        count = self.count.clamp_min(1.0)
+        mean = self.feature_sum / count
+        variance = (self.feature_sq_sum / count - mean.square()).clamp_min(0.0) + variance_floor
+        return mean, variance, self.count > 0
 
 
 class PMoERouter(nn.Module):
-    """Scores every expert per token from one hidden state.
+    """Scores every expert from routing features and turns the scores into gates.
 
-    `logits = (rms_normalize(h) @ keys.T + biases) / temperature`, then sigmoid (independent gates) or softmax, with
-    optional top-k. Each expert has its own `PMoERouterKey` (`routers.{i}.experts.{e}.key` / `.bias`), so earlier
-    experts' router entries can be frozen on their own.
+    Features are the RMS-normalised hidden states (token routing, `[B, T, H]`) or their mean over the routing mask
+    (sequence routing, `[B, 1, H]`). Learned keys score `features @ key + bias`; Gaussian keys score the diagonal
+    Gaussian log-likelihood of the features. Scores are divided by the temperature, then sigmoid or softmax, with
+    optional top-k. Each expert has its own `PMoERouterKey` (`routers.{i}.experts.{e}`), so earlier experts' router
+    entries freeze on their own.
+
+    While training, the router also keeps a small window of statistics for the logs (see `pop_log_stats`).
     """
 
     def __init__(self, config: PMoEConfig):
@@ -143,36 +192,94 @@ class PMoERouter(nn.Module):
         self.config = config
         self.hidden_size = config.hidden_size
         self.eps = config.rms_norm_eps
-        self.experts = nn.ModuleList([PMoERouterKey(config.hidden_size) for _ in range(config.num_experts)])
+        self.experts = nn.ModuleList([PMoERouterKey(config) for _ in range(config.num_experts)])
+        self._log_stats = None
 
     def add_key(self, device: torch.device, dtype: torch.dtype) -> PMoERouterKey:
-        entry = PMoERouterKey(self.hidden_size).to(device=device, dtype=dtype)
+        entry = PMoERouterKey(self.config).to(device=device, dtype=dtype)
         self.experts.append(entry)
+        self._log_stats = None
         return entry
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(logits, gates)`, both `[batch, seq, num_experts]`; gates in the hidden states' dtype."""
+    def features(self, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None) -> torch.Tensor:
         # Routing in float32, so gates stay stable in bf16 runs too.
         features = F.rms_norm(hidden_states.float(), (self.hidden_size,), eps=self.eps)
-        keys = torch.stack([entry.key for entry in self.experts]).float()
-        biases = torch.stack([entry.bias for entry in self.experts]).float()
-        logits = (features @ keys.T + biases) / self.config.router_temperature
-        gates = route(logits, self.config.router_activation, self.config.router_top_k)
-        return logits, gates.to(hidden_states.dtype)
+        if self.config.routing == "token":
+            return features
+        if routing_mask is None:
+            return features.mean(dim=1, keepdim=True)
+        weights = routing_mask.to(features.dtype).unsqueeze(-1)
+        return (features * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.config.router_keys == "learned":
+            keys = torch.stack([entry.key for entry in self.experts]).float()
+            biases = torch.stack([entry.bias for entry in self.experts]).float()
+            scores = features @ keys.T + biases
+        else:
+            means, variances, fitted = zip(*(entry.gaussian(self.config.router_variance_floor) for entry in self.experts))
+            mean, variance, fitted = torch.stack(means), torch.stack(variances), torch.stack(fitted)
+            precision = variance.reciprocal()
+            # sum_d (f - mu)^2 / var, expanded into matmuls so no [B, T, E, H] tensor is built.
+            distance = (
+                features.square() @ precision.T
+                - 2 * features @ (mean * precision).T
+                + (mean.square() * precision).sum(-1)
+            )
+            scores = -0.5 * (distance + variance.log().sum(-1) + self.hidden_size * math.log(2 * math.pi))
+            scores = scores.masked_fill(~fitted, float("-inf"))
+        return scores / self.config.router_temperature
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(logits, gates)`, both `[batch, seq or 1, num_experts]`, float32."""
+        logits = self.logits(features)
+        return logits, route(logits, self.config.router_activation, self.config.router_top_k)
+
+    @torch.no_grad()
+    def record(self, gates: torch.Tensor, rows: torch.Tensor | None = None, forced_expert: int | None = None):
+        """Add a training batch's router gates (`[..., E]`, the router's own decision) to the log window."""
+        gates = gates.reshape(-1, gates.shape[-1]).float()
+        if rows is not None:
+            gates = gates[rows.reshape(-1)]
+        if self._log_stats is None or self._log_stats["load"].shape[0] != gates.shape[-1]:
+            zeros = gates.new_zeros(())
+            self._log_stats = {"load": gates.new_zeros(gates.shape[-1]), "entropy": zeros, "rows": zeros.clone(),
+                               "agree": zeros.clone(), "forced_rows": zeros.clone()}
+        stats = self._log_stats
+        probabilities = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
+        stats["load"] += probabilities.sum(0)
+        stats["entropy"] -= (probabilities * probabilities.clamp_min(1e-9).log()).sum()
+        stats["rows"] += gates.shape[0]
+        if forced_expert is not None:
+            stats["agree"] += (gates.argmax(-1) == forced_expert).sum()
+            stats["forced_rows"] += gates.shape[0]
+
+    def pop_log_stats(self) -> dict[str, float] | None:
+        """The window's mean per-expert load, mean gate entropy (nats) and, while an expert's routing is forced, how
+        often the router itself would have picked it; the window is then emptied."""
+        stats, self._log_stats = self._log_stats, None
+        if stats is None or stats["rows"] == 0:
+            return None
+        rows = stats["rows"].item()
+        result = {"load": (stats["load"] / rows).tolist(), "entropy": stats["entropy"].item() / rows}
+        if stats["forced_rows"] > 0:
+            result["agreement"] = (stats["agree"] / stats["forced_rows"]).item()
+        return result
 
 
 def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Tensor:
-    """Turn router logits `[..., E]` into gates: sigmoid or softmax, keeping the `top_k` best experts if set."""
+    """Turn router logits `[..., E]` into gates: sigmoid or softmax, keeping the `top_k` best experts if set.
+
+    Experts scored `-inf` (unfitted Gaussian keys) get gate 0; a row where every expert is `-inf` gets all zeros.
+    """
     num_experts = logits.shape[-1]
     if top_k and top_k < num_experts:
         selected = logits.topk(top_k, dim=-1).indices
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, selected, True)
-        if activation == "softmax":
-            # Renormalised over the selected experts (Mixtral-style).
-            return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
-        return torch.sigmoid(logits) * keep
+        logits = logits.masked_fill(~keep, float("-inf"))
     if activation == "softmax":
-        return torch.softmax(logits, dim=-1)
+        # Renormalised over the kept experts (Mixtral-style); all -inf rows give NaN, which means "no expert".
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return torch.sigmoid(logits)
 
 
@@ -274,9 +381,9 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: PMoEConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.is_deep = layer_idx >= config.num_shallow_layers
-        self.self_attn = PMoEAttention(config, layer_idx, with_experts=self.is_deep)
-        self.mlp = PMoEMLP(config, with_experts=self.is_deep)
+        self.has_experts = layer_idx in config.expert_layer_indices
+        self.self_attn = PMoEAttention(config, layer_idx, with_experts=self.has_experts)
+        self.mlp = PMoEMLP(config, with_experts=self.has_experts)
         self.input_layernorm = PMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = PMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -358,8 +465,20 @@ class PMoEPreTrainedModel(PreTrainedModel):
             raise TypeError(f"{type(self).__name__} has no PMoEModel at `{self.base_model_prefix}`.")
         return model
 
+    @property
+    def training_expert(self) -> int | None:
+        """The expert trained now. With Gaussian router keys, training batches are routed to it and fit its key.
+        `add_expert` sets it to the new expert; the Trainer callback sets it at every task boundary."""
+        return self._pmoe_model()._training_expert
+
+    @training_expert.setter
+    def training_expert(self, index: int | None):
+        if index is not None and not 0 <= index < self.config.num_experts:
+            raise IndexError(f"expert index {index} out of range: the model has {self.config.num_experts} experts.")
+        self._pmoe_model()._training_expert = index
+
     def expert_linears(self) -> list[PMoELinear]:
-        """Every linear that carries experts (the targeted projections of the deep layers)."""
+        """Every linear that carries experts (the targeted projections of the expert layers)."""
         return [module for module in self.modules() if isinstance(module, PMoELinear) and module.with_experts]
 
     def expert_routers(self) -> list[PMoERouter]:
@@ -374,6 +493,14 @@ class PMoEPreTrainedModel(PreTrainedModel):
             if self._expert_index_of(name) == index:
                 names[name] = param
         return names
+
+    def expert_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """`expert_parameters(index)` plus the expert's buffers (its Gaussian router key statistics)."""
+        tensors = dict(self.expert_parameters(index))
+        for name, buffer in self.named_buffers():
+            if self._expert_index_of(name) == index:
+                tensors[name] = buffer
+        return tensors
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter that belongs to no expert (embeddings, attention, MLP, norms, LM head)."""
@@ -396,11 +523,12 @@ class PMoEPreTrainedModel(PreTrainedModel):
                 param.requires_grad_(not frozen)
 
     def add_expert(self, task_name: str, freeze_previous: bool = True) -> int:
-        """Grow one expert for `task_name` in every deep target and one key in every router; return its index.
+        """Grow one expert for `task_name` in every expert layer's targets and one key in every router; return its index.
 
-        The new LoRA B and router key start at zero, so the model's outputs do not change (exactly, with the default
-        sigmoid gates). Every earlier expert and router entry is frozen unless `freeze_previous=False`; base weights
-        are frozen unless `config.train_base_weights`. The new expert is trainable.
+        The new LoRA B starts at zero and the new router key either scores `-inf` until fitted (Gaussian keys) or is
+        zero under independent sigmoid gates (learned keys), so the model's outputs do not change. Every earlier expert
+        and router entry is frozen unless `freeze_previous=False`; base weights are frozen unless
+        `config.train_base_weights`. The new expert is trainable and becomes `training_expert`.
         """
         config = self.config
         if not isinstance(task_name, str) or not task_name.strip():
@@ -432,7 +560,21 @@ class PMoEPreTrainedModel(PreTrainedModel):
             param.requires_grad_(config.train_base_weights)
         for param in new_params:
             param.requires_grad_(True)
+        self.training_expert = index
         return index
+
+
+@dataclass
+class PMoEModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus `routing_weights`: with sequence routing, the `[batch, num_experts]` gate of each
+    sequence, which `generate` feeds back so that every decode step uses the prefill's gate."""
+
+    routing_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class PMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    routing_weights: torch.FloatTensor | None = None
 
 
 class PMoEModel(PMoEPreTrainedModel):
@@ -451,8 +593,29 @@ class PMoEModel(PMoEPreTrainedModel):
         self.rotary_emb = PMoERotaryEmbedding(config=config)
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.gradient_checkpointing = False
+        self._training_expert = None
 
         self.post_init()
+
+    def _route(self, router: PMoERouter, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None):
+        """Gates `[B, T or 1, E]` and logits from one router. While training a Gaussian-keyed expert, its task's
+        batches go to it, and their features fit its key; the log window records what the router itself decided."""
+        if routing_mask is not None and routing_mask.shape[1] != hidden_states.shape[1]:
+            routing_mask = routing_mask[:, -hidden_states.shape[1] :]  # a 2D mask over cached + current tokens
+        features = router.features(hidden_states, routing_mask)
+        logits, gates = router(features)
+        forced = self._training_expert if self.training and self.config.router_keys == "gaussian" else None
+        if self.training:
+            rows = None
+            if self.config.routing == "token" and routing_mask is not None:
+                rows = routing_mask.bool()
+            if forced is not None:
+                selected = features.reshape(-1, features.shape[-1])
+                router.experts[forced].accumulate(selected if rows is None else selected[rows.reshape(-1)])
+            router.record(gates, rows, forced)
+        if forced is not None:
+            gates = F.one_hot(torch.full(gates.shape[:-1], forced, device=gates.device), gates.shape[-1]).float()
+        return gates.to(hidden_states.dtype), logits
 
     @merge_with_config_defaults
     @capture_outputs
@@ -465,8 +628,17 @@ class PMoEModel(PMoEPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        routing_weights: torch.Tensor | None = None,
+        routing_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
+    ) -> PMoEModelOutputWithPast:
+        r"""
+        routing_weights (`torch.FloatTensor` of shape `(batch_size, num_experts)`, *optional*):
+            Sequence routing: use these gates instead of computing them (what `generate` passes at decode steps).
+        routing_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Sequence routing: the tokens whose mean feature routes the sequence (the prompt). Defaults to the 2D
+            attention mask, or every token.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -478,51 +650,86 @@ class PMoEModel(PMoEPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
         # `generate` may pass the masks already built, one per layer type (static caches, compiled generation).
         if not isinstance(causal_masks := attention_mask, dict):
-            mask_kwargs = {
-                "config": self.config,
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
-                "position_ids": position_ids,
-            }
-            causal_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-            if self.has_sliding_layers:
-                causal_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            causal_masks = self._causal_masks(mask_kwargs)
+        if routing_mask is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            routing_mask = attention_mask
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        layer_kwargs = dict(position_embeddings=position_embeddings, position_ids=position_ids, **kwargs)
 
-        has_experts = self.config.num_experts > 0
-        first_deep = self.config.num_shallow_layers
+        config = self.config
+        has_experts = config.num_experts > 0
+        sequence_routing = has_experts and config.routing == "sequence"
+        first_deep = config.num_shallow_layers
         expert_gates = None
         router_logits = ()
-        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            if has_experts and (layer_idx == first_deep or (layer_idx > first_deep and self.config.router_per_layer)):
-                router = self.routers[layer_idx - first_deep if self.config.router_per_layer else 0]
-                logits, expert_gates = router(hidden_states)
-                router_logits += (logits.reshape(-1, logits.shape[-1]),)
+        if sequence_routing and routing_weights is not None:
+            if routing_weights.shape != (inputs_embeds.shape[0], config.num_experts):
+                raise ValueError(
+                    f"routing_weights must have shape (batch_size, num_experts) = "
+                    f"({inputs_embeds.shape[0]}, {config.num_experts}), got {tuple(routing_weights.shape)}."
+                )
+            expert_gates = routing_weights[:, None, :].to(inputs_embeds.dtype)
+        elif sequence_routing and config.expert_layers == "all":
+            # Shallow experts: the gate comes from a first pass through the shallow block without experts, so it
+            # never depends on the experts it selects. It writes no cache; the main pass below does.
+            if isinstance(attention_mask, dict):
+                raise ValueError(
+                    "expert_layers='all' computes its gate from an expert-free shallow pass and needs the 2D attention "
+                    "mask; generate with the default dynamic cache."
+                )
+            boundary = inputs_embeds
+            prepass_masks = self._causal_masks({**mask_kwargs, "past_key_values": None})
+            with torch.set_grad_enabled(torch.is_grad_enabled() and config.router_keys == "learned"):
+                for layer_idx in range(first_deep):
+                    boundary = self.layers[layer_idx](
+                        boundary, None, attention_mask=prepass_masks[config.layer_types[layer_idx]],
+                        past_key_values=None, use_cache=False, **layer_kwargs,
+                    )
+            expert_gates, logits = self._route(self.routers[0], boundary, routing_mask)
+            router_logits += (logits.reshape(-1, logits.shape[-1]),)
+
+        for layer_idx, decoder_layer in enumerate(self.layers[: config.num_hidden_layers]):
+            if has_experts and layer_idx >= first_deep:
+                if layer_idx == first_deep and expert_gates is None:
+                    expert_gates, logits = self._route(self.routers[0], hidden_states, routing_mask)
+                    router_logits += (logits.reshape(-1, logits.shape[-1]),)
+                elif layer_idx > first_deep and config.router_per_layer:
+                    expert_gates, logits = self._route(self.routers[layer_idx - first_deep], hidden_states, routing_mask)
+                    router_logits += (logits.reshape(-1, logits.shape[-1]),)
             hidden_states = decoder_layer(
                 hidden_states,
-                expert_gates if layer_idx >= first_deep else None,
-                attention_mask=causal_masks[self.config.layer_types[layer_idx]],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
+                expert_gates if decoder_layer.has_experts else None,
+                attention_mask=causal_masks[config.layer_types[layer_idx]],
                 past_key_values=past_key_values,
                 use_cache=use_cache,
-                **kwargs,
+                **layer_kwargs,
             )
         hidden_states = self.norm(hidden_states)
 
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
-        return MoeModelOutputWithPast(
+        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
+        return PMoEModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             router_logits=router_logits if output_router_logits and has_experts else None,
+            routing_weights=expert_gates[:, 0, :].float() if sequence_routing and expert_gates is not None else None,
         )
+
+    def _causal_masks(self, mask_kwargs: dict) -> dict:
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if self.has_sliding_layers:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return masks
 
 
 class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
@@ -592,15 +799,22 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        routing_weights: torch.Tensor | None = None,
+        routing_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> PMoECausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Language modeling labels; `-100` is ignored.
         output_router_logits (`bool`, *optional*):
             Return the router logits (one `[batch * seq, num_experts]` tensor per router) and, when
             `config.router_aux_loss_coef > 0`, add the load-balancing loss to `loss`.
+        routing_weights (`torch.FloatTensor` of shape `(batch_size, num_experts)`, *optional*):
+            Sequence routing: gates to use instead of computing them; `generate` passes the prefill's gates.
+        routing_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Sequence routing: the prompt tokens whose mean feature routes each sequence. With `labels` it defaults to
+            the attended tokens whose label is -100 (every attended token for a row that has none).
 
         Example:
 
@@ -614,7 +828,9 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        outputs: MoeModelOutputWithPast = self.model(
+        if routing_mask is None and labels is not None and self.config.routing == "sequence":
+            routing_mask = prompt_mask_from_labels(labels, attention_mask)
+        outputs: PMoEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -622,6 +838,8 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            routing_weights=routing_weights,
+            routing_mask=routing_mask,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -633,17 +851,19 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         aux_loss = None
-        if output_router_logits and outputs.router_logits:
+        # Load balancing trains router keys; Gaussian keys are fitted, not trained, so there is nothing to balance.
+        if output_router_logits and outputs.router_logits and self.config.router_keys == "learned":
+            token_mask = attention_mask if self.config.routing == "token" and isinstance(attention_mask, torch.Tensor) else None
             aux_loss = load_balancing_loss_func(
                 outputs.router_logits,
                 self.config.num_experts,
                 max(1, self.config.effective_top_k),
-                attention_mask,
+                token_mask if token_mask is not None and token_mask.dim() == 2 else None,
             )
             if labels is not None and self.config.router_aux_loss_coef > 0:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
-        return MoeCausalLMOutputWithPast(
+        return PMoECausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
@@ -651,7 +871,30 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            routing_weights=outputs.routing_weights,
         )
 
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        # Sequence routing: the gate is the prefill's, at every decode step, with or without a cache.
+        if getattr(outputs, "routing_weights", None) is not None:
+            model_kwargs["routing_weights"] = outputs.routing_weights
+        return model_kwargs
 
-__all__ = ["PMoEPreTrainedModel", "PMoEModel", "PMoEForCausalLM", "PMoELinear", "PMoERouter", "PMoERouterKey", "PMoELoRAExpert"]
+
+def prompt_mask_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The prompt of each training sequence: attended tokens whose label is -100 (all attended tokens if none is)."""
+    attended = torch.ones_like(labels, dtype=torch.bool)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        attended = attention_mask.bool()
+    prompt = attended & (labels == -100)
+    has_prompt = prompt.any(dim=-1, keepdim=True)
+    return torch.where(has_prompt, prompt, attended)
+
+
+__all__ = [
+    "PMoECausalLMOutputWithPast",
+    "PMoEModelOutputWithPast",
+    "PMoEPreTrainedModel", "PMoEModel", "PMoEForCausalLM", "PMoELinear", "PMoERouter", "PMoERouterKey", "PMoELoRAExpert"]
