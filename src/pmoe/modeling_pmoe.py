@@ -251,7 +251,7 @@ class PMoERouter(nn.Module):
         stats["entropy"] -= (probabilities * probabilities.clamp_min(1e-9).log()).sum()
         stats["rows"] += gates.shape[0]
         if forced_expert is not None:
-            stats["agree"] += (gates.argmax(-1) == forced_expert).sum()
+            stats["agree"] += ((gates.argmax(-1) == forced_expert) & (gates.sum(-1) > 0)).sum()
             stats["forced_rows"] += gates.shape[0]
 
     def pop_log_stats(self) -> dict[str, float] | None:

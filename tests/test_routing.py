@@ -1,0 +1,152 @@
+"""Sequence-level routing with Gaussian task keys: what makes the model not forget without a task id."""
+
+import pytest
+import torch
+
+from pmoe import PMoEForCausalLM
+
+from conftest import VOCAB, make_dense, make_pmoe, padded_batch, randomize_experts
+
+
+def task_batch(task: int, batch: int = 8, length: int = 16, seed: int = 0):
+    """Sequences whose prompt (first half) draws tokens from the task's own 8 tokens of the vocabulary."""
+    generator = torch.Generator().manual_seed(seed * 100 + task)
+    low = 3 + task * (VOCAB - 3) // 4
+    input_ids = torch.randint(low, low + 8, (batch, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, : length // 2] = -100
+    return input_ids, labels
+
+
+def fit_task(model, index, task, batches=4):
+    """What training a task does to its Gaussian key: forward its batches in train mode with the expert selected."""
+    model.train()
+    model.training_expert = index
+    with torch.no_grad():
+        for seed in range(batches):
+            input_ids, labels = task_batch(task, seed=seed)
+            model(input_ids=input_ids, labels=labels)
+    model.eval()
+
+
+def routed_expert(model, task, seed=99, batch=8):
+    input_ids, labels = task_batch(task, seed=seed, batch=batch)
+    prompt = input_ids[:, :8]
+    with torch.no_grad():
+        return model(input_ids=prompt).routing_weights.argmax(-1)
+
+
+def test_gate_is_one_per_sequence_from_its_prompt():
+    model = make_pmoe()
+    for index in range(2):
+        model.add_expert(f"t{index}")
+    randomize_experts(model)
+    input_ids, labels = task_batch(0)
+    with torch.no_grad():
+        first = model(input_ids=input_ids, labels=labels).routing_weights
+        changed_answer = input_ids.clone()
+        changed_answer[:, 8:] = 3  # the answer is not part of the routing feature
+        second = model(input_ids=changed_answer, labels=labels).routing_weights
+        prompt_only = model(input_ids=input_ids[:, :8]).routing_weights
+    assert first.shape == (8, 2)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(prompt_only, first)
+
+
+def test_gaussian_keys_route_each_task_to_its_own_expert_and_growth_keeps_old_routes():
+    model = make_pmoe(router_top_k=1)
+    for task in range(2):
+        model.add_expert(f"task-{task}")
+        fit_task(model, task, task)
+    for task in range(2):
+        accuracy = (routed_expert(model, task, batch=64) == task).float().mean()
+        assert accuracy >= 0.95, (task, accuracy)
+
+    input_ids, attention_mask = padded_batch()
+    old_inputs = [task_batch(task, seed=7)[0][:, :8] for task in range(2)]
+    with torch.no_grad():
+        before = [model(input_ids=ids).routing_weights for ids in old_inputs]
+        logits_before = [model(input_ids=ids).logits for ids in old_inputs]
+    model.add_expert("task-2")  # unfitted: scores -inf, takes nothing
+    with torch.no_grad():
+        for ids, weights, logits in zip(old_inputs, before, logits_before):
+            out = model(input_ids=ids)
+            assert torch.equal(out.routing_weights[:, :2], weights)
+            assert torch.count_nonzero(out.routing_weights[:, 2]) == 0
+            torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+    fit_task(model, 2, 2)
+    with torch.no_grad():
+        for ids, weights in zip(old_inputs, before):
+            assert torch.equal(model(input_ids=ids).routing_weights[:, :2], weights)
+    assert (routed_expert(model, 2, batch=64) == 2).float().mean() >= 0.95
+
+
+def test_training_routes_batches_to_the_expert_being_trained():
+    model = make_pmoe()
+    model.add_expert("a")
+    model.train()
+    input_ids, labels = task_batch(0)
+    out = model(input_ids=input_ids, labels=labels)
+    assert torch.equal(out.routing_weights, torch.ones(8, 1))  # from the first step, before its key is fitted
+    out.loss.backward()
+    assert model.model.layers[2].self_attn.q_proj.experts[0].lora_B.grad.abs().sum() > 0
+    stats = model.model.routers[0].pop_log_stats()
+    assert stats["load"] == [0.0] and stats["agreement"] == 0.0  # the router itself had nothing fitted yet
+    assert model.model.routers[0].experts[0].count == 8  # one feature per sequence
+
+
+def test_no_fitted_key_means_base_weights_only():
+    dense = make_dense("llama")
+    model = PMoEForCausalLM.from_dense(dense, num_shallow_layers=2).eval()
+    model.add_expert("a")
+    randomize_experts(model)
+    with torch.no_grad():
+        model.model.routers[0].experts[0].count.zero_()
+        input_ids, attention_mask = padded_batch()
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        expected = dense(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.count_nonzero(out.routing_weights) == 0
+    assert torch.equal(out.logits, expected)
+
+
+def test_shallow_experts_are_gated_by_an_expert_free_pass():
+    model = make_pmoe(expert_layers="all", router_top_k=1)
+    model.add_expert("a")
+    model.add_expert("b")
+    randomize_experts(model)
+    assert model.model.layers[0].self_attn.q_proj.experts  # shallow layers carry experts too
+    input_ids, attention_mask = padded_batch()
+    with torch.no_grad():
+        before = model(input_ids=input_ids, attention_mask=attention_mask)
+        for linear in model.expert_linears():
+            if linear is model.model.layers[0].mlp.up_proj:
+                for expert in linear.experts:
+                    expert.lora_B.add_(1.0)
+        after = model(input_ids=input_ids, attention_mask=attention_mask)
+    assert torch.equal(after.routing_weights, before.routing_weights)  # the gate ignores the experts it selects
+    assert not torch.allclose(after.logits, before.logits)  # but the shallow experts act
+
+
+def test_routing_weights_shape_is_checked():
+    model = make_pmoe()
+    model.add_expert("a")
+    input_ids, _ = padded_batch()
+    with pytest.raises(ValueError, match=r"routing_weights must have shape \(batch_size, num_experts\) = \(3, 1\)"):
+        model(input_ids=input_ids, routing_weights=torch.ones(3, 2))
+    with pytest.raises(IndexError, match="1 experts"):
+        model.training_expert = 1
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(routing="token", expert_layers="all"), "expert_layers"),
+        (dict(router_per_layer=True), "router_per_layer"),
+        (dict(routing="chunk"), "routing"),
+        (dict(router_keys="knn"), "router_keys"),
+        (dict(router_variance_floor=0), "router_variance_floor"),
+    ],
+)
+def test_routing_option_errors(overrides, field):
+    with pytest.raises(ValueError, match=f"PMoEConfig.{field} must be"):
+        make_pmoe(**overrides)
