@@ -16,6 +16,7 @@ from .modeling_pmoe import (
     PMoEPreTrainedModel,
     PMoERouter,
 )
+from .trainer_callbacks import PMoEContinualCallback, schedule_from_task_column
 
 
 __version__ = "0.1.0"
@@ -32,11 +33,13 @@ __all__ = [
     "PMOE_FORMAT_VERSION",
     "SUPPORTED_DENSE_MODEL_TYPES",
     "PMoEConfig",
+    "PMoEContinualCallback",
     "PMoEForCausalLM",
     "PMoELinear",
     "PMoELoRAExpert",
     "PMoEModel",
     "PMoEPreTrainedModel",
     "PMoERouter",
+    "schedule_from_task_column",
     "__version__",
 ]

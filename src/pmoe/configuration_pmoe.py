@@ -86,6 +86,7 @@ class PMoEConfig(PreTrainedConfig):
     - `output_router_logits` (`bool`, defaults to `False`): return router logits (and the auxiliary loss).
     - `num_experts` (`int`) and `expert_tasks` (list of `str`): the experts the model has and the task each belongs
       to, in order. Written by `add_expert`; `from_pretrained` rebuilds exactly these experts.
+    - `expert_train_steps` (list of `int`): optimizer steps each expert was trained for (kept by the Trainer callback).
     - `max_experts` (`int`, *optional*): refuse to grow past this many experts.
     - `train_base_weights` (`bool`, defaults to `False`): when `add_expert` sets up a task, keep the base (non-expert)
       weights trainable. By default growth freezes them.
@@ -146,6 +147,7 @@ class PMoEConfig(PreTrainedConfig):
     output_router_logits: bool = False
     num_experts: int = 0
     expert_tasks: list[str] | None = None
+    expert_train_steps: list[int] | None = None
     max_experts: int | None = None
     train_base_weights: bool = False
     pmoe_format_version: int = PMOE_FORMAT_VERSION
@@ -163,6 +165,9 @@ class PMoEConfig(PreTrainedConfig):
             self.expert_target_modules = list(EXPERT_TARGET_MODULES)
         self.expert_target_modules = list(self.expert_target_modules)
         self.expert_tasks = list(self.expert_tasks) if self.expert_tasks is not None else []
+        if self.expert_train_steps is None:
+            self.expert_train_steps = [0] * len(self.expert_tasks)
+        self.expert_train_steps = list(self.expert_train_steps)
         if self.router_activation is None:
             self.router_activation = "softmax" if self.router_keys == "gaussian" else "sigmoid"
         if self.layer_types is None:
@@ -278,6 +283,11 @@ class PMoEConfig(PreTrainedConfig):
             fail("expert_tasks", f"a list of num_experts={self.num_experts} non-empty task names", self.expert_tasks)
         if len(set(self.expert_tasks)) != len(self.expert_tasks):
             fail("expert_tasks", "a list of distinct task names", self.expert_tasks)
+        if len(self.expert_train_steps) != self.num_experts or not all(
+            is_int(steps) and steps >= 0 for steps in self.expert_train_steps
+        ):
+            fail("expert_train_steps", f"a list of num_experts={self.num_experts} integers >= 0",
+                 self.expert_train_steps)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -316,7 +326,7 @@ class PMoEConfig(PreTrainedConfig):
                 "LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), "
                 "Qwen3ForCausalLM (qwen3)."
             )
-        forbidden = {"num_experts", "expert_tasks"} & set(pmoe_options)
+        forbidden = {"num_experts", "expert_tasks", "expert_train_steps"} & set(pmoe_options)
         if forbidden:
             raise ValueError(
                 f"from_dense builds a model with no experts; grow them with add_expert(task_name) instead of passing "

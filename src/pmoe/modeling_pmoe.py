@@ -198,7 +198,8 @@ class PMoERouter(nn.Module):
     def add_key(self, device: torch.device, dtype: torch.dtype) -> PMoERouterKey:
         entry = PMoERouterKey(self.config).to(device=device, dtype=dtype)
         self.experts.append(entry)
-        self._log_stats = None
+        if self._log_stats is not None:  # keep the log window: the new expert has had no load yet
+            self._log_stats["load"] = torch.cat([self._log_stats["load"], self._log_stats["load"].new_zeros(1)])
         return entry
 
     def features(self, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None) -> torch.Tensor:
@@ -458,6 +459,19 @@ class PMoEPreTrainedModel(PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # Trainer's resume loads checkpoints with strict=False, which would silently drop the tensors of experts this
+        # model does not have: refuse instead, and say how to get the right model.
+        extra = sorted({index for name in state_dict if (index := self._expert_index_of(name)) is not None
+                        and index >= self.config.num_experts})
+        if extra:
+            raise ValueError(
+                f"The weights hold experts {extra} but this model has {self.config.num_experts} experts "
+                f"({self.config.expert_tasks}). Load the model that matches them, e.g. "
+                "PMoEForCausalLM.from_pretrained(<checkpoint>), before resuming."
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # -------------------------------------------------------------- growth API
     def _pmoe_model(self) -> "PMoEModel":
         model = self.base_model
@@ -552,6 +566,7 @@ class PMoEPreTrainedModel(PreTrainedModel):
             new_params += list(router.add_key(reference.device, reference.dtype).parameters())
         config.num_experts = index + 1
         config.expert_tasks = [*config.expert_tasks, task_name]
+        config.expert_train_steps = [*config.expert_train_steps, 0]
         config.validate_pmoe()
 
         if freeze_previous:

@@ -1,0 +1,383 @@
+"""Continual learning with the `Trainer` you already use: grow one expert per task, freeze the earlier ones.
+
+Two ways to train, one callback:
+
+* **One `Trainer` per task** (works everywhere, including `torchrun` / DDP, DeepSpeed and FSDP):
+
+  ```python
+  callback = PMoEContinualCallback(tasks=["support", "sql"])
+  for task, data in [("support", support_ds), ("sql", sql_ds)]:
+      Trainer(model, args, train_dataset=data, callbacks=[callback]).train()  # grows the task's expert at init
+  ```
+
+  or call `callback.start_task(model, "sql")` yourself before building each Trainer. Either way the new expert exists
+  before the Trainer builds its optimizer.
+
+* **One `Trainer` run over several tasks** with `task_schedule=[("support", 500), ("sql", 300)]` (task name, optimizer
+  steps), e.g. from a dataset whose `task` column is in training order (`schedule_from_task_column`) with
+  `train_sampling_strategy="sequential"`. At each boundary the callback grows the next expert, freezes the previous
+  one and adds the new parameters to the live optimizer's parameter groups, so the learning-rate scheduler drives them
+  like every other parameter. Single process only: DDP / DeepSpeed / FSDP register parameters when they wrap the model.
+
+Router health (per-expert load, gate entropy, and how often the router itself picks the expert being trained) is added
+to the Trainer's logs, so it reaches TensorBoard and every other `report_to` integration.
+
+Resuming: load the model from the checkpoint (`PMoEForCausalLM.from_pretrained(checkpoint)`), build the Trainer with the
+callback, and call `trainer.train(resume_from_checkpoint=checkpoint)`; in one-Trainer-per-task mode, call
+`callback.start_task(model, <the interrupted task>)` first. The callback re-activates the interrupted task's expert and
+checks the checkpoint against its tasks before any training step.
+"""
+
+import sys
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_pt_utils import get_parameter_names
+from transformers.utils import logging
+
+from .modeling_pmoe import PMoEPreTrainedModel
+
+
+logger = logging.get_logger(__name__)
+
+# Same rule as `Trainer.get_decay_parameter_names`: biases and norms get no weight decay.
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def unwrap_pmoe(model) -> PMoEPreTrainedModel:
+    """The PMoE model inside `model` (DDP / accelerate wrappers, PEFT), or a clear error."""
+    seen = model
+    for _ in range(4):
+        if isinstance(seen, PMoEPreTrainedModel):
+            return seen
+        seen = getattr(seen, "module", None) or getattr(seen, "base_model", None)
+        if seen is None:
+            break
+    raise TypeError(
+        f"PMoEContinualCallback needs a PMoE model (PMoEForCausalLM or PMoEModel), got {type(model).__name__}. "
+        "Convert a dense model first: PMoEForCausalLM.from_dense(model, num_shallow_layers=...)."
+    )
+
+
+def schedule_from_task_column(dataset, args, task_column: str = "task") -> list[tuple[str, int]]:
+    """Turn a dataset whose `task_column` lists each example's task, in training order, into a `task_schedule`.
+
+    Each task must be one contiguous block whose size is a whole number of optimizer steps
+    (`per_device_train_batch_size * gradient_accumulation_steps` examples), so that no batch mixes two tasks. Train
+    with `train_sampling_strategy="sequential"` and `max_steps` equal to the schedule's total.
+    """
+    if task_column not in dataset.column_names:
+        raise ValueError(f"The dataset has no {task_column!r} column (columns: {dataset.column_names}).")
+    tasks = list(dataset[task_column])
+    examples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    schedule, seen = [], set()
+    start = 0
+    while start < len(tasks):
+        task = tasks[start]
+        if task in seen:
+            raise ValueError(f"Task {task!r} appears in more than one block of the {task_column!r} column; "
+                             "sort the dataset so that each task is one contiguous block, in training order.")
+        end = start
+        while end < len(tasks) and tasks[end] == task:
+            end += 1
+        size = end - start
+        if size % examples_per_step:
+            raise ValueError(
+                f"Task {task!r} has {size} examples, not a multiple of the {examples_per_step} examples one optimizer "
+                "step consumes (per_device_train_batch_size x gradient_accumulation_steps x processes); a batch would "
+                "mix two tasks."
+            )
+        schedule.append((task, size // examples_per_step))
+        seen.add(task)
+        start = end
+    return schedule
+
+
+class PMoEContinualCallback(TrainerCallback):
+    """Grows one expert per task at task boundaries, freezes the earlier ones, logs router health.
+
+    Args:
+        tasks (`list[str]`, *optional*): one-Trainer-per-task mode: each Trainer built with this callback starts the
+            next of these tasks that the model has no expert for (unless `start_task` was called for it).
+        task_schedule (`list[tuple[str, int]]`, *optional*): one-run mode: `(task, optimizer steps)` in order; the
+            steps must add up to the run's `max_steps`.
+        log_router (`bool`, defaults to `True`): add router load / entropy / agreement to the logs.
+    """
+
+    def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
+                 log_router: bool = True):
+        if tasks is not None and task_schedule is not None:
+            raise ValueError("Pass either `tasks` (one Trainer per task) or `task_schedule` (one run), not both.")
+        if tasks is not None:
+            tasks = list(tasks)
+            self._check_names(tasks, "tasks")
+        if task_schedule is not None:
+            task_schedule = [tuple(entry) for entry in task_schedule]
+            if not task_schedule or any(
+                len(entry) != 2 or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 1
+                for entry in task_schedule
+            ):
+                raise ValueError(
+                    f"task_schedule must be a non-empty list of (task name, steps >= 1) pairs, got {task_schedule!r}."
+                )
+            self._check_names([task for task, _ in task_schedule], "task_schedule")
+        self.tasks = tasks
+        self.task_schedule = task_schedule
+        self.log_router = log_router
+        self.current_task: str | None = None
+        self._explicitly_started: str | None = None
+        self._stats_snapshot: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _check_names(names, field):
+        for name in names:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{field} contains an invalid task name {name!r}: use non-empty strings.")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"{field} names the same task more than once: {duplicates}.")
+
+    # ------------------------------------------------------------------------------------------- task control
+    def start_task(self, model, task_name: str) -> int:
+        """Make `task_name` the task being trained: grow its expert (freezing every other expert and the base weights)
+        or, if the model's newest expert already belongs to it (resuming), re-activate that expert. Returns its index.
+        Call it before building the task's Trainer."""
+        pmoe_model = unwrap_pmoe(model)
+        config = pmoe_model.config
+        if task_name in config.expert_tasks:
+            index = config.expert_tasks.index(task_name)
+            if index != config.num_experts - 1:
+                raise ValueError(
+                    f"Task {task_name!r} already has expert {index}, and later experts exist ({config.expert_tasks}): "
+                    "a finished task cannot be trained again without changing the tasks after it. Use a new task name."
+                )
+            self._activate(pmoe_model, index)
+            logger.info(f"Resuming task {task_name!r} on its expert {index}.")
+        else:
+            index = pmoe_model.add_expert(task_name)
+            logger.info(f"Started task {task_name!r}: expert {index}.")
+        self.current_task = task_name
+        self._explicitly_started = task_name
+        self._stats_snapshot = self._gaussian_statistics(pmoe_model)
+        return index
+
+    @staticmethod
+    def _activate(pmoe_model, index, trainable_experts=None):
+        """Only expert `index` (or `trainable_experts`) and, if configured, the base weights require grad."""
+        trainable = {index} if trainable_experts is None else set(trainable_experts)
+        for expert in range(pmoe_model.config.num_experts):
+            pmoe_model.freeze_experts([expert], frozen=expert not in trainable)
+        for param in pmoe_model.base_parameters().values():
+            param.requires_grad_(pmoe_model.config.train_base_weights)
+        pmoe_model.training_expert = index
+
+    def _schedule_position(self, step: int) -> int:
+        """Index in `task_schedule` of the task that optimizer step `step` (0-based) belongs to."""
+        end = 0
+        for position, (_, steps) in enumerate(self.task_schedule):
+            end += steps
+            if step < end:
+                return position
+        return len(self.task_schedule) - 1
+
+    def _boundaries(self) -> dict[int, int]:
+        """global_step after which the next task starts -> its position in the schedule."""
+        boundaries, end = {}, 0
+        for position, (_, steps) in enumerate(self.task_schedule[:-1]):
+            end += steps
+            boundaries[end] = position + 1
+        return boundaries
+
+    # ------------------------------------------------------------------------------------------- Trainer events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        pmoe_model = unwrap_pmoe(model)
+        self._run_before_reporting_callbacks()
+        if self.task_schedule is not None:
+            self._init_schedule(args, pmoe_model)
+        elif self._explicitly_started is not None and self._explicitly_started in pmoe_model.config.expert_tasks:
+            pass  # start_task was called for this Trainer
+        elif self.tasks is not None:
+            pending = [task for task in self.tasks if task not in pmoe_model.config.expert_tasks]
+            if not pending:
+                raise ValueError(
+                    f"Every task in {self.tasks} already has an expert; nothing to train. To resume an interrupted "
+                    "task, call callback.start_task(model, task) before building the Trainer."
+                )
+            self.start_task(pmoe_model, pending[0])
+        elif pmoe_model.config.num_experts == 0:
+            raise ValueError(
+                "The model has no expert to train: pass `tasks=[...]` or `task_schedule=[...]` to "
+                "PMoEContinualCallback, or call callback.start_task(model, task) before building the Trainer."
+            )
+        else:
+            # No task information: keep training the newest expert.
+            self.start_task(pmoe_model, pmoe_model.config.expert_tasks[-1])
+        self._explicitly_started = None
+
+    def _init_schedule(self, args, pmoe_model):
+        total = sum(steps for _, steps in self.task_schedule)
+        if args.max_steps > 0 and args.max_steps != total:
+            raise ValueError(
+                f"task_schedule adds up to {total} steps but the run is max_steps={args.max_steps}: set "
+                f"max_steps={total} or change the schedule."
+            )
+        if args.max_steps <= 0:
+            raise ValueError(f"With a task_schedule set max_steps={total} (the schedule's total) in TrainingArguments.")
+        distributed = max(1, getattr(args, "world_size", 1)) > 1
+        if len(self.task_schedule) > 1 and (distributed or args.deepspeed or args.fsdp):
+            raise ValueError(
+                "Growing experts inside one distributed (DDP / DeepSpeed / FSDP) run is not supported: the wrapper "
+                "registers the parameters it synchronises when it wraps the model. Train one task per Trainer "
+                "(PMoEContinualCallback(tasks=[...])), saving and reloading the model between tasks under "
+                "DeepSpeed ZeRO-3 or FSDP."
+            )
+        names = [task for task, _ in self.task_schedule]
+        existing = pmoe_model.config.expert_tasks
+        started = [task for task in existing if task in names]
+        if started != names[: len(started)] or existing[len(existing) - len(started):] != started:
+            raise ValueError(
+                f"The model's experts {existing} do not match task_schedule {names}: a checkpoint of this run has the "
+                "schedule's first tasks as its newest experts, in order. Resume with the model saved in the "
+                "checkpoint you resume from."
+            )
+        if not started:
+            self.start_task(pmoe_model, names[0])
+        else:
+            # Resuming: the run's optimizer held every expert it had grown so far; rebuild it the same way, then
+            # freeze the finished ones in on_train_begin, after the optimizer state is loaded.
+            first = len(existing) - len(started)
+            self._activate(pmoe_model, len(existing) - 1, trainable_experts=range(first, len(existing)))
+            self.current_task = started[-1]
+            self._stats_snapshot = self._gaussian_statistics(pmoe_model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        pmoe_model = unwrap_pmoe(model)
+        if self.task_schedule is None:
+            return
+        position = self._schedule_position(state.global_step)
+        expected = self.task_schedule[position][0]
+        if self.current_task != expected:
+            raise ValueError(
+                f"Step {state.global_step} of task_schedule belongs to task {expected!r}, but the model's newest "
+                f"expert is for {self.current_task!r} (experts {pmoe_model.config.expert_tasks}). Resume with the "
+                "model saved in the checkpoint you resume from."
+            )
+        self._activate(pmoe_model, pmoe_model.config.expert_tasks.index(expected))
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        pmoe_model = unwrap_pmoe(model)
+        steps = list(pmoe_model.config.expert_train_steps)
+        steps[pmoe_model.training_expert] += 1
+        pmoe_model.config.expert_train_steps = steps
+        if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+            self._sync_gaussian_statistics(pmoe_model)
+        if self.task_schedule is None:
+            return
+        next_position = self._boundaries().get(state.global_step)
+        if next_position is None:
+            return
+        self._sync_gaussian_statistics(pmoe_model)
+        task = self.task_schedule[next_position][0]
+        index = self.start_task(pmoe_model, task)
+        self._add_to_optimizer(pmoe_model, index, optimizer, kwargs.get("lr_scheduler"))
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not self.log_router or logs is None or model is None:
+            return
+        pmoe_model = unwrap_pmoe(model)
+        for position, router in enumerate(pmoe_model.expert_routers()):
+            stats = router.pop_log_stats()
+            if stats is None:
+                continue
+            prefix = "router" if len(pmoe_model.expert_routers()) == 1 else f"router{position}"
+            for index, load in enumerate(stats["load"]):
+                logs[f"{prefix}/load/{index}_{pmoe_model.config.expert_tasks[index]}"] = round(load, 6)
+            logs[f"{prefix}/entropy"] = round(stats["entropy"], 6)
+            if "agreement" in stats:
+                logs[f"{prefix}/agreement"] = round(stats["agreement"], 6)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update({k: v for k, v in logs.items() if k.startswith("router")})
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _run_before_reporting_callbacks(self):
+        """Move this callback right after `DefaultFlowCallback`, so the router metrics it adds to `logs` in `on_log`
+        are there when TensorBoard & co. (registered before user callbacks) write them."""
+        caller = sys._getframe(2).f_locals.get("self")  # CallbackHandler.call_event -> on_init_end -> here
+        callbacks = getattr(caller, "callbacks", None)
+        if not isinstance(callbacks, list) or self not in callbacks:
+            logger.warning("PMoEContinualCallback could not reorder the Trainer's callbacks; router metrics may be "
+                           "missing from reporting integrations.")
+            return
+        callbacks.remove(self)
+        callbacks.insert(min(1, len(callbacks)), self)
+
+    @staticmethod
+    def _add_to_optimizer(pmoe_model, index, optimizer, lr_scheduler):
+        """Put expert `index`'s parameters into the live optimizer: into the Trainer's existing decay / no-decay
+        groups when they exist (the scheduler already drives those), else as new groups registered with the
+        LambdaLR scheduler."""
+        if optimizer is None:
+            raise ValueError("No optimizer to add the new expert to: the Trainer has not built one.")
+        names = pmoe_model.expert_parameters(index)
+        decay_names = set(get_parameter_names(pmoe_model, [nn.LayerNorm], NO_DECAY_PATTERNS))
+        new = {"decay": [p for n, p in names.items() if n in decay_names],
+               "no_decay": [p for n, p in names.items() if n not in decay_names]}
+        inner = getattr(optimizer, "optimizer", optimizer)
+        groups = inner.param_groups
+        # The Trainer builds two groups: [decay, no decay (weight_decay=0)].
+        trainer_layout = len(groups) == 2 and groups[1].get("weight_decay", 0.0) == 0.0
+        order = {param: position for position, param in enumerate(pmoe_model.parameters())}
+        for kind, params in new.items():
+            if not params:
+                continue
+            if trainer_layout:
+                group = groups[0 if kind == "decay" else 1]
+                # Keep each group in the model's parameter order, as a resumed Trainer builds it, so that saved
+                # optimizer state lines up with the right tensors on resume.
+                group["params"] = sorted([*group["params"], *params], key=lambda p: order.get(p, len(order)))
+                continue
+            template = groups[0]
+            group = {key: value for key, value in template.items() if key != "params"}
+            group["params"] = params
+            if kind == "no_decay":
+                group["weight_decay"] = 0.0
+            inner.add_param_group(group)
+            scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+            if scheduler is not None:
+                if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                    raise ValueError(
+                        f"Cannot schedule the new expert's parameter group with a {type(scheduler).__name__}; use a "
+                        "LambdaLR-based scheduler (every `lr_scheduler_type` of TrainingArguments but "
+                        "reduce_lr_on_plateau) or one Trainer per task."
+                    )
+                initial_lr = template.get("initial_lr", template["lr"])
+                group["initial_lr"] = initial_lr
+                scheduler.base_lrs.append(initial_lr)
+                scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+                group["lr"] = initial_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+                scheduler._last_lr = [g["lr"] for g in inner.param_groups]
+
+    @staticmethod
+    def _gaussian_statistics(pmoe_model) -> dict[str, torch.Tensor]:
+        return {name: buffer.detach().clone() for name, buffer in pmoe_model.named_buffers()
+                if name.rsplit(".", 1)[-1] in ("count", "feature_sum", "feature_sq_sum")}
+
+    def _sync_gaussian_statistics(self, pmoe_model):
+        """Under torchrun every process fits the trained expert's Gaussian key on its own batches: add the other
+        processes' contributions since the last sync, so every process (and the checkpoint) has the global fit."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() < 2:
+            return
+        snapshot = self._stats_snapshot or {}
+        for name, buffer in pmoe_model.named_buffers():
+            if name not in snapshot:
+                continue
+            delta = buffer - snapshot[name].to(buffer.device)
+            torch.distributed.all_reduce(delta)
+            buffer.copy_(snapshot[name].to(buffer.device) + delta)
+        self._stats_snapshot = self._gaussian_statistics(pmoe_model)
+
+
+__all__ = ["PMoEContinualCallback", "schedule_from_task_column", "unwrap_pmoe"]

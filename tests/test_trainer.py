@@ -1,0 +1,243 @@
+"""Continual learning with the real `Trainer`: growth at task boundaries, bit-identical freezing, logs, resume."""
+
+import glob
+import os
+
+import pytest
+import torch
+from datasets import Dataset, concatenate_datasets
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from pmoe import PMoEContinualCallback, PMoEForCausalLM, schedule_from_task_column
+
+from conftest import TINY, make_dense, make_pmoe
+
+
+def task_dataset(task: int, examples: int = 16, length: int = 12) -> Dataset:
+    """A toy task: copy a prompt drawn from the task's own 8 tokens (answer = prompt shifted by the task id)."""
+    generator = torch.Generator().manual_seed(task)
+    low = 3 + task * 20
+    prompt = torch.randint(low, low + 8, (examples, length // 2), generator=generator)
+    answer = (prompt + task) % TINY["vocab_size"]
+    input_ids = torch.cat([prompt, answer], dim=1)
+    labels = input_ids.clone()
+    labels[:, : length // 2] = -100
+    return Dataset.from_dict({
+        "input_ids": input_ids.tolist(),
+        "attention_mask": torch.ones_like(input_ids).tolist(),
+        "labels": labels.tolist(),
+        "task": [f"task-{task}"] * examples,
+    })
+
+
+def training_args(output_dir, **overrides):
+    fields = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=4, learning_rate=5e-3,
+        lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0, data_seed=0,
+    )
+    fields.update(overrides)
+    return TrainingArguments(**fields)
+
+
+def snapshot(tensors):
+    return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+
+
+def assert_identical(tensors, saved):
+    assert tensors.keys() == saved.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def without_task(dataset):
+    return dataset.remove_columns("task")
+
+
+def test_one_trainer_per_task_freezes_everything_but_the_new_expert(tmp_path):
+    model = make_pmoe()
+    base = snapshot(model.base_parameters())
+    callback = PMoEContinualCallback(tasks=["task-0", "task-1"])
+
+    trainer = Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(0)), callbacks=[callback])
+    assert model.config.expert_tasks == ["task-0"]  # grown at init, before the optimizer exists
+    trainer.train()
+    first = snapshot(model.expert_tensors(0))
+    assert model.model.routers[0].experts[0].count == 16  # its Gaussian key was fitted on the task's prompts
+
+    trainer = Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(1)), callbacks=[callback])
+    assert model.config.expert_tasks == ["task-0", "task-1"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(model.expert_parameters(1))
+    trainer.train()
+
+    assert_identical(model.expert_tensors(0), first)
+    assert_identical(model.base_parameters(), base)
+    assert any(torch.count_nonzero(p) for n, p in model.expert_parameters(1).items() if n.endswith("lora_B"))
+    assert model.config.expert_train_steps == [4, 4]
+    assert "router/entropy" in trainer.state.log_history[0]
+
+
+def test_start_task_before_each_trainer(tmp_path):
+    model = make_pmoe()
+    callback = PMoEContinualCallback()
+    for task in range(2):
+        callback.start_task(model, f"task-{task}")
+        Trainer(model, training_args(tmp_path, max_steps=2), train_dataset=without_task(task_dataset(task)),
+                callbacks=[callback]).train()
+    assert model.config.expert_tasks == ["task-0", "task-1"]
+    assert model.config.expert_train_steps == [2, 2]
+
+
+class SnapshotAtStep(TrainerCallback):
+    def __init__(self, step, model):
+        self.step, self.model, self.saved = step, model, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.saved = snapshot(self.model.expert_tensors(0))
+
+
+def test_one_run_over_a_task_schedule(tmp_path):
+    model = make_pmoe()
+    base = snapshot(model.base_parameters())
+    data = concatenate_datasets([task_dataset(0), task_dataset(1)])
+    args = training_args(tmp_path, max_steps=8, train_sampling_strategy="sequential")
+    schedule = schedule_from_task_column(data, args)
+    assert schedule == [("task-0", 4), ("task-1", 4)]
+    probe = SnapshotAtStep(4, model)
+    trainer = Trainer(model, args, train_dataset=without_task(data),
+                      callbacks=[PMoEContinualCallback(task_schedule=schedule), probe])
+    assert model.config.expert_tasks == ["task-0"]
+    trainer.train()
+
+    assert model.config.expert_tasks == ["task-0", "task-1"]
+    assert model.config.expert_train_steps == [4, 4]
+    assert_identical(model.expert_tensors(0), probe.saved)  # nothing of task 0 moved during task 1
+    assert_identical(model.base_parameters(), base)
+    # Each task's key was fitted on its own 16 prompts only.
+    assert [entry.count.item() for entry in model.model.routers[0].experts] == [16, 16]
+    # The new expert joined the live optimizer, and the scheduler drives its learning rate.
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in model.expert_parameters(1).values())
+    assert all(group["lr"] == trainer.lr_scheduler.get_last_lr()[0] for group in trainer.optimizer.param_groups)
+    loads = [entry for entry in trainer.state.log_history if "router/load/1_task-1" in entry]
+    assert loads and all("router/agreement" in entry for entry in loads)
+
+
+def test_new_parameter_group_is_scheduled_with_a_custom_optimizer():
+    model = make_pmoe()
+    model.add_expert("a")
+    optimizer = torch.optim.AdamW(list(model.expert_parameters(0).values()), lr=0.1, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    index = model.add_expert("b")
+    PMoEContinualCallback._add_to_optimizer(model, index, optimizer, scheduler)
+    assert len(optimizer.param_groups) == 2
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.1 * 0.6, 0.1 * 0.6])
+
+
+def test_router_health_reaches_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = make_pmoe()
+    args = training_args(tmp_path, report_to="tensorboard")
+    Trainer(model, args, train_dataset=without_task(task_dataset(0)),
+            callbacks=[PMoEContinualCallback(tasks=["task-0"])]).train()
+    event_files = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+    assert event_files
+    tags = set()
+    for path in event_files:
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/router/entropy", "train/router/agreement", "train/router/load/0_task-0"} <= tags
+
+
+def test_resume_after_a_boundary_ends_like_an_uninterrupted_run(tmp_path):
+    data = without_task(concatenate_datasets([task_dataset(0), task_dataset(1)]))
+    schedule = [("task-0", 4), ("task-1", 4)]
+
+    def run(output_dir, model, resume=None):
+        args = training_args(output_dir, max_steps=8, train_sampling_strategy="sequential",
+                             save_strategy="steps", save_steps=6)
+        trainer = Trainer(model, args, train_dataset=data, callbacks=[PMoEContinualCallback(task_schedule=schedule)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    uninterrupted = run(tmp_path / "full", make_pmoe())
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    assert PMoEForCausalLM.from_pretrained(checkpoint).config.expert_tasks == ["task-0", "task-1"]
+
+    resumed = run(tmp_path / "resumed", PMoEForCausalLM.from_pretrained(checkpoint), resume=str(checkpoint))
+    assert resumed.config.expert_tasks == uninterrupted.config.expert_tasks
+    assert resumed.config.expert_train_steps == [4, 4]
+    expected = uninterrupted.state_dict()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_bad_callback_arguments():
+    with pytest.raises(ValueError, match="more than once"):
+        PMoEContinualCallback(tasks=["a", "a"])
+    with pytest.raises(ValueError, match="either `tasks`"):
+        PMoEContinualCallback(tasks=["a"], task_schedule=[("a", 1)])
+    with pytest.raises(ValueError, match="steps >= 1"):
+        PMoEContinualCallback(task_schedule=[("a", 0)])
+
+
+def test_existing_task_name_is_refused(tmp_path):
+    model = make_pmoe()
+    callback = PMoEContinualCallback()
+    callback.start_task(model, "a")
+    callback.start_task(model, "b")
+    with pytest.raises(ValueError, match="already has expert 0"):
+        callback.start_task(model, "a")
+    with pytest.raises(ValueError, match="already has an expert"):
+        Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(0)),
+                callbacks=[PMoEContinualCallback(tasks=["a", "b"])])
+
+
+def test_schedule_that_does_not_add_up_fails_before_training(tmp_path):
+    model = make_pmoe()
+    with pytest.raises(ValueError, match="adds up to 8 steps but the run is max_steps=5"):
+        Trainer(model, training_args(tmp_path / "out", max_steps=5), train_dataset=without_task(task_dataset(0)),
+                callbacks=[PMoEContinualCallback(task_schedule=[("a", 4), ("b", 4)])])
+    assert model.config.num_experts == 0
+    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+
+
+def test_not_a_pmoe_model(tmp_path):
+    with pytest.raises(TypeError, match="needs a PMoE model .* got LlamaForCausalLM"):
+        Trainer(make_dense("llama"), training_args(tmp_path), train_dataset=without_task(task_dataset(0)),
+                callbacks=[PMoEContinualCallback(tasks=["a"])])
+
+
+def test_resuming_with_the_wrong_model(tmp_path):
+    wrong = make_pmoe()
+    wrong.add_expert("b")  # a model whose experts skip the schedule's first task
+    with pytest.raises(ValueError, match="do not match task_schedule"):
+        Trainer(wrong, training_args(tmp_path, max_steps=8), train_dataset=without_task(task_dataset(0)),
+                callbacks=[PMoEContinualCallback(task_schedule=[("a", 4), ("b", 4)])])
+    small = make_pmoe()
+    small.add_expert("a")
+    bigger = make_pmoe()
+    bigger.add_expert("a")
+    bigger.add_expert("b")
+    with pytest.raises(ValueError, match=r"hold experts \[1\] but this model has 1 experts"):
+        small.load_state_dict(bigger.state_dict(), strict=False)
+
+
+def test_task_column_must_be_contiguous_and_whole_steps(tmp_path):
+    args = training_args(tmp_path)
+    mixed = concatenate_datasets([task_dataset(0, 8), task_dataset(1, 8), task_dataset(0, 8)])
+    with pytest.raises(ValueError, match="more than one block"):
+        schedule_from_task_column(mixed, args)
+    with pytest.raises(ValueError, match="not a multiple of the 4 examples"):
+        schedule_from_task_column(task_dataset(0, 6), args)
+    with pytest.raises(ValueError, match="no 'task' column"):
+        schedule_from_task_column(without_task(task_dataset(0)), args)
