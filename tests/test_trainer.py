@@ -241,3 +241,29 @@ def test_task_column_must_be_contiguous_and_whole_steps(tmp_path):
         schedule_from_task_column(task_dataset(0, 6), args)
     with pytest.raises(ValueError, match="no 'task' column"):
         schedule_from_task_column(without_task(task_dataset(0)), args)
+
+
+def test_growing_inside_a_distributed_run_is_refused_clearly():
+    from types import SimpleNamespace
+
+    callback = PMoEContinualCallback(task_schedule=[("a", 4), ("b", 4)])
+    for wrapper in (dict(world_size=2), dict(deepspeed="ds.json"), dict(fsdp="full_shard")):
+        args = SimpleNamespace(**{"max_steps": 8, "world_size": 1, "deepspeed": None, "fsdp": "", **wrapper})
+        with pytest.raises(ValueError, match="one task per Trainer"):
+            callback._init_schedule(args, make_pmoe())
+
+
+def test_a_schedule_continues_a_model_that_already_has_experts(tmp_path):
+    model = make_pmoe()
+    callback = PMoEContinualCallback()
+    callback.start_task(model, "earlier")
+    Trainer(model, training_args(tmp_path, max_steps=2), train_dataset=without_task(task_dataset(2)),
+            callbacks=[callback]).train()
+    earlier = snapshot(model.expert_tensors(0))
+    data = concatenate_datasets([task_dataset(0), task_dataset(1)])
+    args = training_args(tmp_path, max_steps=8, train_sampling_strategy="sequential")
+    Trainer(model, args, train_dataset=without_task(data),
+            callbacks=[PMoEContinualCallback(task_schedule=schedule_from_task_column(data, args))]).train()
+    assert model.config.expert_tasks == ["earlier", "task-0", "task-1"]
+    assert model.config.expert_train_steps == [2, 4, 4]
+    assert_identical(model.expert_tensors(0), earlier)
