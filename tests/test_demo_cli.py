@@ -11,7 +11,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     result = run_demo(output_dir=str(tmp_path / "demo"), steps_per_task=3)
     assert result["conversion_diff"] == 0.0
     assert result["identical_after_reload"]
-    assert set(result["accuracy"]) == {"count-up", "count-down"}
+    assert [len(row) for row in result["accuracy_matrix"]] == [1, 2, 3]
     assert (tmp_path / "demo" / "modeling_pmoe.py").exists()
     assert "reloaded with AutoModelForCausalLM" in capsys.readouterr().out
 

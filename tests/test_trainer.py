@@ -267,3 +267,13 @@ def test_a_schedule_continues_a_model_that_already_has_experts(tmp_path):
     assert model.config.expert_tasks == ["earlier", "task-0", "task-1"]
     assert model.config.expert_train_steps == [2, 4, 4]
     assert_identical(model.expert_tensors(0), earlier)
+
+
+def test_experts_in_the_shallow_layers_train_with_the_callback(tmp_path):
+    model = make_pmoe(expert_layers="all")
+    base = snapshot(model.base_parameters())
+    Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(0)),
+            callbacks=[PMoEContinualCallback(tasks=["task-0"])]).train()
+    shallow = model.model.layers[0].mlp.up_proj.experts[0].lora_B
+    assert torch.count_nonzero(shallow) > 0
+    assert_identical(model.base_parameters(), base)

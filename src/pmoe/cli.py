@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="Run the offline end-to-end demo on a tiny model.")
     demo.add_argument("--output-dir", default=None, help="Where to save the demo checkpoint (default: a temp dir).")
-    demo.add_argument("--steps-per-task", type=int, default=60, help="Training steps per task (default: 60).")
+    demo.add_argument("--steps-per-task", type=int, default=150, help="Training steps per task (default: 150).")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
