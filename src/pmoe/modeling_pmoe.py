@@ -802,7 +802,6 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             model.generation_config = dense.generation_config.__class__.from_dict(dense.generation_config.to_dict())
         return model
 
-
     @can_return_tuple
     def forward(
         self,
