@@ -499,7 +499,8 @@ class PMoEPreTrainedModel(PreTrainedModel):
         return list(self._pmoe_model().routers)
 
     def expert_parameters(self, index: int) -> dict[str, nn.Parameter]:
-        """The parameters that belong to expert `index`: its LoRA A/B in every deep target and its router key/bias."""
+        """The parameters of expert `index`: its LoRA A/B in every target of the expert layers, and its learned router
+        key/bias (Gaussian keys are buffers: see `expert_tensors`)."""
         if not 0 <= index < self.config.num_experts:
             raise IndexError(f"expert index {index} out of range: the model has {self.config.num_experts} experts.")
         names = {}

@@ -49,7 +49,10 @@ def unwrap_pmoe(model) -> PMoEPreTrainedModel:
     """The PMoE model inside `model` (DDP / accelerate wrappers, PEFT), or a clear error."""
     seen = model
     for _ in range(4):
-        if isinstance(seen, PMoEPreTrainedModel):
+        # Duck-typed as well, so a model loaded as remote code (its own copy of the classes) is accepted too.
+        if isinstance(seen, PMoEPreTrainedModel) or (
+            getattr(getattr(seen, "config", None), "model_type", None) == "pmoe" and hasattr(seen, "add_expert")
+        ):
             return seen
         seen = getattr(seen, "module", None) or getattr(seen, "base_model", None)
         if seen is None:
