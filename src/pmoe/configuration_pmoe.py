@@ -90,6 +90,10 @@ class PMoEConfig(PreTrainedConfig):
     - `max_experts` (`int`, *optional*): refuse to grow past this many experts.
     - `train_base_weights` (`bool`, defaults to `False`): when `add_expert` sets up a task, keep the base (non-expert)
       weights trainable. By default growth freezes them.
+    - `distillation_alpha` (`float`, defaults to 0.0): Lifelong-MoE regularisation. While training, add
+      `alpha * KL(old || new)` on the trained positions, where "old" is this model with the expert being trained masked
+      out of routing, computed without gradients and without a copy of the model (the expert layers run twice). Off by
+      default until the benchmark shows it helps. Needs `router_per_layer=False`.
     - `pmoe_format_version` (`int`): checkpoint layout version, checked on load.
     """
 
@@ -150,6 +154,7 @@ class PMoEConfig(PreTrainedConfig):
     expert_train_steps: list[int] | None = None
     max_experts: int | None = None
     train_base_weights: bool = False
+    distillation_alpha: float = 0.0
     pmoe_format_version: int = PMOE_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
@@ -267,6 +272,13 @@ class PMoEConfig(PreTrainedConfig):
         ):
             fail("router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
 
+        if isinstance(self.distillation_alpha, bool) or not isinstance(self.distillation_alpha, (int, float)) or not (
+            0 <= self.distillation_alpha < float("inf")
+        ):
+            fail("distillation_alpha", "a finite number >= 0 (0 turns distillation off)", self.distillation_alpha)
+        if self.distillation_alpha > 0 and self.router_per_layer:
+            fail("distillation_alpha", "0 with router_per_layer=True (the old-model pass needs one shared router)",
+                 self.distillation_alpha)
         if not is_int(self.num_experts) or self.num_experts < 0:
             fail("num_experts", "an integer >= 0", self.num_experts)
         if self.max_experts is not None and (not is_int(self.max_experts) or self.max_experts < max(1, self.num_experts)):
@@ -336,7 +348,7 @@ class PMoEConfig(PreTrainedConfig):
             "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
             "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
             "expert_layers", "router_top_k", "router_temperature", "router_per_layer",
-            "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights",
+            "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights", "distillation_alpha",
         }
         unknown = sorted(set(pmoe_options) - pmoe_fields)
         if unknown:

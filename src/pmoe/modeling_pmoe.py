@@ -193,11 +193,21 @@ class PMoERouter(nn.Module):
         self.hidden_size = config.hidden_size
         self.eps = config.rms_norm_eps
         self.experts = nn.ModuleList([PMoERouterKey(config) for _ in range(config.num_experts)])
+        # How much gate mass each expert received in training forwards (saved; expert merging picks by it).
+        self.register_buffer("usage", torch.zeros(config.num_experts, dtype=torch.float32))
         self._log_stats = None
+
+    def _apply(self, fn, recurse=True):
+        usage = self._buffers["usage"]
+        result = super()._apply(fn, recurse)
+        if self._buffers["usage"].dtype != torch.float32:  # counts, never rounded to bf16
+            self._buffers["usage"] = usage.to(device=self._buffers["usage"].device, dtype=torch.float32)
+        return result
 
     def add_key(self, device: torch.device, dtype: torch.dtype) -> PMoERouterKey:
         entry = PMoERouterKey(self.config).to(device=device, dtype=dtype)
         self.experts.append(entry)
+        self.usage = torch.cat([self.usage, self.usage.new_zeros(1)])
         if self._log_stats is not None:  # keep the log window: the new expert has had no load yet
             self._log_stats["load"] = torch.cat([self._log_stats["load"], self._log_stats["load"].new_zeros(1)])
         return entry
@@ -446,6 +456,8 @@ class PMoEPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, PMoERouterKey):
             module.reset_parameters()
+        elif isinstance(module, PMoERouter):
+            init.zeros_(module.usage)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers records only the saved class in `auto_map`; list both heads so `AutoModel` and
@@ -586,11 +598,13 @@ class PMoEModelOutputWithPast(MoeModelOutputWithPast):
     sequence, which `generate` feeds back so that every decode step uses the prefill's gate."""
 
     routing_weights: torch.FloatTensor | None = None
+    old_last_hidden_state: torch.FloatTensor | None = None
 
 
 @dataclass
 class PMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     routing_weights: torch.FloatTensor | None = None
+    distillation_loss: torch.FloatTensor | None = None
 
 
 class PMoEModel(PMoEPreTrainedModel):
@@ -631,6 +645,12 @@ class PMoEModel(PMoEPreTrainedModel):
             router.record(gates, rows, forced)
         if forced is not None:
             gates = F.one_hot(torch.full(gates.shape[:-1], forced, device=gates.device), gates.shape[-1]).float()
+        if self.training:
+            with torch.no_grad():
+                applied = gates.reshape(-1, gates.shape[-1])
+                if rows is not None:
+                    applied = applied[rows.reshape(-1)]
+                router.usage += applied.sum(0).float()
         return gates.to(hidden_states.dtype), logits
 
     @merge_with_config_defaults
@@ -646,6 +666,7 @@ class PMoEModel(PMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         routing_weights: torch.Tensor | None = None,
         routing_mask: torch.Tensor | None = None,
+        compute_old_model: bool = False,
         **kwargs,
     ) -> PMoEModelOutputWithPast:
         r"""
@@ -654,6 +675,10 @@ class PMoEModel(PMoEPreTrainedModel):
         routing_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             Sequence routing: the tokens whose mean feature routes the sequence (the prompt). Defaults to the 2D
             attention mask, or every token.
+        compute_old_model (`bool`, defaults to `False`):
+            Also return `old_last_hidden_state`: the same model with `training_expert` (and later experts) masked out
+            of routing, computed without gradients and without a copy of the model: the layers before the first
+            expert layer are shared, the expert layers run a second time (Lifelong-MoE distillation).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -715,7 +740,11 @@ class PMoEModel(PMoEPreTrainedModel):
             expert_gates, logits = self._route(self.routers[0], boundary, routing_mask)
             router_logits += (logits.reshape(-1, logits.shape[-1]),)
 
+        first_expert_layer = config.expert_layer_indices[0]
+        old_model_input = None
         for layer_idx, decoder_layer in enumerate(self.layers[: config.num_hidden_layers]):
+            if compute_old_model and layer_idx == first_expert_layer:
+                old_model_input = hidden_states
             if has_experts and layer_idx >= first_deep:
                 if layer_idx == first_deep and expert_gates is None:
                     expert_gates, logits = self._route(self.routers[0], hidden_states, routing_mask)
@@ -733,13 +762,43 @@ class PMoEModel(PMoEPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
 
+        old_last_hidden_state = None
+        if compute_old_model:
+            old_last_hidden_state = self._old_model_pass(
+                old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs
+            )
+
         output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         return PMoEModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             router_logits=router_logits if output_router_logits and has_experts else None,
             routing_weights=expert_gates[:, 0, :].float() if sequence_routing and expert_gates is not None else None,
+            old_last_hidden_state=old_last_hidden_state,
         )
+
+    @torch.no_grad()
+    def _old_model_pass(self, hidden_states, router_logits, start, causal_masks, layer_kwargs):
+        """The expert layers again, with `training_expert` and every later expert masked out of routing."""
+        config = self.config
+        if config.router_per_layer:
+            raise ValueError("The old-model pass (distillation) needs one shared router (router_per_layer=False).")
+        new_expert = self._training_expert
+        if new_expert is None or not router_logits:
+            old_gates = None  # no expert is new: the old model is the base model
+        else:
+            logits = router_logits[0].reshape(hidden_states.shape[0], -1, config.num_experts)
+            masked = torch.arange(config.num_experts, device=logits.device) >= new_expert
+            old_gates = route(logits.masked_fill(masked, float("-inf")), config.router_activation, config.router_top_k)
+            old_gates = old_gates.to(hidden_states.dtype)
+        for layer_idx in range(start, config.num_hidden_layers):
+            layer = self.layers[layer_idx]
+            hidden_states = layer(
+                hidden_states, old_gates if layer.has_experts else None,
+                attention_mask=causal_masks[config.layer_types[layer_idx]], past_key_values=None, use_cache=False,
+                **layer_kwargs,
+            )
+        return self.norm(hidden_states)
 
     def _causal_masks(self, mask_kwargs: dict) -> dict:
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -759,6 +818,71 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    # -------------------------------------------------------------- expert merging (Park 2024)
+    def expert_usage(self) -> torch.Tensor:
+        """Gate mass each expert received in training forwards, summed over routers (saved in checkpoints)."""
+        return torch.stack([router.usage for router in self.expert_routers()]).sum(0).cpu()
+
+    @torch.no_grad()
+    def merge_experts(self, method: str = "svd", sources: tuple[int, int] | None = None,
+                      target: int | None = None) -> tuple[int, int, int]:
+        """Merge two experts and write the result over a third (Park 2024); return `(source, source, target)`.
+
+        By default the sources are the two most used experts and the target is the least used other one (never the
+        expert being trained). `method="average"` averages the LoRA factors (the paper's merge); `method="svd"` writes
+        the best rank-r approximation of the sum of the two experts' updates (`B_i A_i + B_j A_j`) into the target's
+        rank-r factors. The target's router key covers both sources (Gaussian statistics are added; learned keys are
+        averaged) and its task name becomes `"<source>+<source>"`.
+        """
+        config = self.config
+        if method not in ("svd", "average"):
+            raise ValueError(f"merge_experts: method must be 'svd' or 'average', got {method!r}.")
+        usage = self.expert_usage()
+        if sources is None:
+            if config.num_experts < 3:
+                raise ValueError(f"merge_experts needs at least 3 experts to pick two sources and a different target; "
+                                 f"the model has {config.num_experts}.")
+            ranked = sorted(range(config.num_experts), key=lambda e: (-usage[e].item(), e))
+            sources = (ranked[0], ranked[1])
+        first, second = sources
+        if first == second or not all(0 <= e < config.num_experts for e in (first, second)):
+            raise ValueError(f"merge_experts: sources must be two different experts in [0, {config.num_experts}), "
+                             f"got {sources}.")
+        if target is None:
+            candidates = [e for e in range(config.num_experts)
+                          if e not in (first, second) and e != self.training_expert]
+            if not candidates:
+                raise ValueError("merge_experts: no expert left to overwrite (not a source, not being trained).")
+            target = min(candidates, key=lambda e: (usage[e].item(), -e))
+        if not 0 <= target < config.num_experts:
+            raise ValueError(f"merge_experts: target must be in [0, {config.num_experts}), got {target}.")
+
+        for linear in self.expert_linears():
+            a, b = linear.experts[first], linear.experts[second]
+            if method == "average":
+                lora_a, lora_b = (a.lora_A + b.lora_A) / 2, (a.lora_B + b.lora_B) / 2
+            else:
+                lora_a, lora_b = best_low_rank_factors(
+                    a.lora_B.float() @ a.lora_A.float() + b.lora_B.float() @ b.lora_A.float(), linear.rank
+                )
+            linear.experts[target].lora_A.copy_(lora_a)
+            linear.experts[target].lora_B.copy_(lora_b)
+        for router in self.expert_routers():
+            merged, a, b = router.experts[target], router.experts[first], router.experts[second]
+            if merged.kind == "gaussian":
+                for name in GAUSSIAN_STATISTICS:
+                    getattr(merged, name).copy_(getattr(a, name) + getattr(b, name))
+            else:
+                merged.key.copy_((a.key + b.key) / 2)
+                merged.bias.copy_((a.bias + b.bias) / 2)
+            router.usage[target] = router.usage[first] + router.usage[second]
+        tasks, steps = list(config.expert_tasks), list(config.expert_train_steps)
+        tasks[target] = f"{tasks[first]}+{tasks[second]}"
+        steps[target] = steps[first] + steps[second]
+        config.expert_tasks, config.expert_train_steps = tasks, steps
+        config.validate_pmoe()
+        return first, second, target
 
     # -------------------------------------------------------------- conversion from dense checkpoints
     @classmethod
@@ -793,6 +917,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             config, dtype=dense.dtype, attn_implementation=dense.config._attn_implementation
         )
         missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+        missing = [name for name in missing if not name.endswith("usage")]  # PMoE-only statistics, zero as built
         if missing or unexpected:
             raise ValueError(
                 f"Converting {type(dense).__name__} to PMoE: weights do not line up (missing {missing}, "
@@ -845,6 +970,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         )
         if routing_mask is None and labels is not None and self.config.routing == "sequence":
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
+        distill = self.training and labels is not None and self.config.distillation_alpha > 0
         outputs: PMoEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -855,6 +981,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             output_router_logits=output_router_logits,
             routing_weights=routing_weights,
             routing_mask=routing_mask,
+            compute_old_model=distill,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -864,6 +991,14 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        distillation_loss = None
+        if distill:
+            # Lifelong-MoE: alpha * KL(old || new) on the positions the LM loss trains.
+            with torch.no_grad():
+                old_logits = self.lm_head(outputs.old_last_hidden_state[:, slice_indices, :])
+            distillation_loss = old_model_kl(logits, old_logits, labels)
+            loss = loss + self.config.distillation_alpha * distillation_loss
 
         aux_loss = None
         # Load balancing trains router keys; Gaussian keys are fitted, not trained, so there is nothing to balance.
@@ -887,6 +1022,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             routing_weights=outputs.routing_weights,
+            distillation_loss=distillation_loss,
         )
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
@@ -897,6 +1033,28 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         if getattr(outputs, "routing_weights", None) is not None:
             model_kwargs["routing_weights"] = outputs.routing_weights
         return model_kwargs
+
+
+def best_low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A, B)` with `B @ A` the best rank-`rank` approximation of `delta` (Eckart-Young, via SVD)."""
+    u, singular_values, vh = torch.linalg.svd(delta, full_matrices=False)
+    root = singular_values[:rank].sqrt()
+    lora_b = u[:, :rank] * root
+    lora_a = root[:, None] * vh[:rank]
+    if lora_a.shape[0] < rank:  # delta smaller than the rank: pad with zero directions
+        lora_a = torch.cat([lora_a, lora_a.new_zeros(rank - lora_a.shape[0], lora_a.shape[1])])
+        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - lora_b.shape[1])], dim=1)
+    return lora_a, lora_b
+
+
+def old_model_kl(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over trained positions (shifted labels != -100) of KL(p_old || p_new) over the vocabulary."""
+    trained = labels[:, 1:] != -100
+    new_log_probs = F.log_softmax(logits[:, :-1][trained].float(), dim=-1)
+    old_log_probs = F.log_softmax(old_logits[:, :-1][trained].float(), dim=-1)
+    if new_log_probs.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.kl_div(new_log_probs, old_log_probs, log_target=True, reduction="batchmean")
 
 
 def prompt_mask_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -106,10 +106,16 @@ class PMoEContinualCallback(TrainerCallback):
         task_schedule (`list[tuple[str, int]]`, *optional*): one-run mode: `(task, optimizer steps)` in order; the
             steps must add up to the run's `max_steps`.
         log_router (`bool`, defaults to `True`): add router load / entropy / agreement to the logs.
+        distillation_alpha (`float`, *optional*): set `config.distillation_alpha` of the model (Lifelong-MoE
+            `alpha * KL(old || new)`, see `PMoEConfig`) when the Trainer is built.
+        merge_every_n_steps (`int`, *optional*): every N optimizer steps, merge the two most used experts over the
+            least used other one (`model.merge_experts`, Park 2024); skipped while the model has fewer than 3 experts.
+        merge_method (`"svd"` or `"average"`, defaults to `"svd"`).
     """
 
     def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
-                 log_router: bool = True):
+                 log_router: bool = True, distillation_alpha: float | None = None,
+                 merge_every_n_steps: int | None = None, merge_method: str = "svd"):
         if tasks is not None and task_schedule is not None:
             raise ValueError("Pass either `tasks` (one Trainer per task) or `task_schedule` (one run), not both.")
         if tasks is not None:
@@ -125,8 +131,22 @@ class PMoEContinualCallback(TrainerCallback):
                     f"task_schedule must be a non-empty list of (task name, steps >= 1) pairs, got {task_schedule!r}."
                 )
             self._check_names([task for task, _ in task_schedule], "task_schedule")
+        if distillation_alpha is not None and (
+            isinstance(distillation_alpha, bool) or not isinstance(distillation_alpha, (int, float))
+            or not 0 <= distillation_alpha < float("inf")
+        ):
+            raise ValueError(f"distillation_alpha must be a finite number >= 0, got {distillation_alpha!r}.")
+        if merge_every_n_steps is not None and (
+            isinstance(merge_every_n_steps, bool) or not isinstance(merge_every_n_steps, int) or merge_every_n_steps < 1
+        ):
+            raise ValueError(f"merge_every_n_steps must be None or an integer >= 1, got {merge_every_n_steps!r}.")
+        if merge_method not in ("svd", "average"):
+            raise ValueError(f"merge_method must be 'svd' or 'average', got {merge_method!r}.")
         self.tasks = tasks
         self.task_schedule = task_schedule
+        self.distillation_alpha = distillation_alpha
+        self.merge_every_n_steps = merge_every_n_steps
+        self.merge_method = merge_method
         self.log_router = log_router
         self.current_task: str | None = None
         self._explicitly_started: str | None = None
@@ -196,6 +216,9 @@ class PMoEContinualCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         pmoe_model = unwrap_pmoe(model)
         self._run_before_reporting_callbacks()
+        if self.distillation_alpha is not None:
+            pmoe_model.config.distillation_alpha = float(self.distillation_alpha)
+            pmoe_model.config.validate_pmoe()
         if self.task_schedule is not None:
             self._init_schedule(args, pmoe_model)
         elif self._explicitly_started is not None and self._explicitly_started in pmoe_model.config.expert_tasks:
@@ -273,6 +296,12 @@ class PMoEContinualCallback(TrainerCallback):
         steps = list(pmoe_model.config.expert_train_steps)
         steps[pmoe_model.training_expert] += 1
         pmoe_model.config.expert_train_steps = steps
+        if self.merge_every_n_steps and state.global_step % self.merge_every_n_steps == 0:
+            if pmoe_model.config.num_experts >= 3:
+                self._sync_gaussian_statistics(pmoe_model)  # every process picks the same experts
+                first, second, target = pmoe_model.merge_experts(method=self.merge_method)
+                logger.info(f"Step {state.global_step}: merged experts {first} and {second} into expert {target}.")
+                self._stats_snapshot = self._gaussian_statistics(pmoe_model)
         if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
             self._sync_gaussian_statistics(pmoe_model)
         if self.task_schedule is None:
@@ -364,18 +393,19 @@ class PMoEContinualCallback(TrainerCallback):
     @staticmethod
     def _gaussian_statistics(pmoe_model) -> dict[str, torch.Tensor]:
         return {name: buffer.detach().clone() for name, buffer in pmoe_model.named_buffers()
-                if name.rsplit(".", 1)[-1] in ("count", "feature_sum", "feature_sq_sum")}
+                if name.rsplit(".", 1)[-1] in ("count", "feature_sum", "feature_sq_sum", "usage")}
 
     def _sync_gaussian_statistics(self, pmoe_model):
-        """Under torchrun every process fits the trained expert's Gaussian key on its own batches: add the other
-        processes' contributions since the last sync, so every process (and the checkpoint) has the global fit."""
+        """Under torchrun every process fits the trained expert's Gaussian key (and counts expert usage) on its own
+        batches: add the other processes' contributions since the last sync, so every process (and the checkpoint)
+        has the global statistics."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         if torch.distributed.get_world_size() < 2:
             return
         snapshot = self._stats_snapshot or {}
         for name, buffer in pmoe_model.named_buffers():
-            if name not in snapshot:
+            if name not in snapshot or snapshot[name].shape != buffer.shape:
                 continue
             delta = buffer - snapshot[name].to(buffer.device)
             torch.distributed.all_reduce(delta)

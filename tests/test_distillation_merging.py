@@ -1,0 +1,167 @@
+"""Lifelong-MoE distillation to the old model, and expert merging by usage (Park 2024)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from pmoe import PMoEContinualCallback
+from pmoe.modeling_pmoe import best_low_rank_factors, route
+
+from conftest import make_pmoe, randomize_experts
+from test_routing import fit_task, task_batch
+from test_trainer import task_dataset, training_args, without_task
+
+
+def grown(num_experts=2, **overrides):
+    model = make_pmoe(**overrides)
+    for task in range(num_experts):
+        model.add_expert(f"task-{task}")
+        fit_task(model, task, task)
+    randomize_experts(model, indices=range(num_experts - 1))
+    model.training_expert = num_experts - 1
+    return model
+
+
+# ------------------------------------------------------------------------------------------- distillation
+def test_distillation_adds_alpha_times_kl_to_the_old_model():
+    model = grown(2, distillation_alpha=0.5)
+    input_ids, labels = task_batch(1)
+    model.train()
+    out = model(input_ids=input_ids, labels=labels)
+
+    # The old model by hand: the same weights, the new expert masked out of the router's decision.
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, labels=labels, output_router_logits=True).router_logits[0]
+        old_gates = route(logits.masked_fill(torch.tensor([False, True]), float("-inf")), "softmax", None)
+        old_logits = model(input_ids=input_ids, routing_weights=old_gates).logits
+        new_logits = model(input_ids=input_ids, routing_weights=torch.tensor([[0.0, 1.0]]).expand(8, 2)).logits
+    trained = labels[:, 1:] != -100
+    expected_kl = F.kl_div(
+        F.log_softmax(new_logits[:, :-1][trained], -1), F.log_softmax(old_logits[:, :-1][trained], -1),
+        log_target=True, reduction="batchmean",
+    )
+    torch.testing.assert_close(out.distillation_loss, expected_kl, rtol=1e-4, atol=1e-6)
+    lm_loss = F.cross_entropy(new_logits[:, :-1].reshape(-1, new_logits.shape[-1]), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, lm_loss + 0.5 * expected_kl, rtol=1e-4, atol=1e-6)
+    assert old_gates[:, 0].min() > 0.99  # the old model really routes to the old expert
+
+
+def test_old_model_pass_reuses_the_shallow_block_and_needs_no_copy():
+    model = grown(2, distillation_alpha=1.0)
+    calls = {index: 0 for index in range(4)}
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda module, args, output, index=index: calls.__setitem__(index, calls[index] + 1))
+    parameters_before = sum(p.numel() for p in model.parameters())
+    model.train()
+    input_ids, labels = task_batch(1)
+    out = model(input_ids=input_ids, labels=labels)
+    assert calls == {0: 1, 1: 1, 2: 2, 3: 2}  # shallow layers once, expert layers twice
+    assert sum(p.numel() for p in model.parameters()) == parameters_before
+    out.loss.backward()
+    trainable = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert trainable == set(model.expert_parameters(1))
+
+
+def test_no_distillation_in_eval_or_without_labels():
+    model = grown(2, distillation_alpha=1.0)
+    input_ids, labels = task_batch(1)
+    model.eval()
+    assert model(input_ids=input_ids, labels=labels).distillation_loss is None
+    model.train()
+    assert model(input_ids=input_ids).distillation_loss is None
+
+
+def test_distillation_runs_in_a_trainer(tmp_path):
+    model = grown(1)
+    callback = PMoEContinualCallback(tasks=["task-0", "task-1"], distillation_alpha=0.3)
+    trainer = Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(1)), callbacks=[callback])
+    assert model.config.distillation_alpha == 0.3
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    with pytest.raises(ValueError, match="distillation_alpha must be a finite number >= 0"):
+        PMoEContinualCallback(distillation_alpha=-1)
+    with pytest.raises(ValueError, match="PMoEConfig.distillation_alpha must be"):
+        make_pmoe(distillation_alpha=float("nan"))
+
+
+# ------------------------------------------------------------------------------------------- merging
+def test_svd_merge_is_the_best_rank_r_approximation_of_the_summed_deltas():
+    model = grown(3)
+    randomize_experts(model)
+    before = {
+        id(linear): [(e.lora_A.clone(), e.lora_B.clone()) for e in linear.experts] for linear in model.expert_linears()
+    }
+    first, second, target = model.merge_experts(method="svd", sources=(0, 1), target=2)
+    assert (first, second, target) == (0, 1, 2)
+    rank = model.config.expert_rank
+    for linear in model.expert_linears():
+        (a0, b0), (a1, b1), _ = before[id(linear)]
+        summed = b0 @ a0 + b1 @ a1
+        u, singular_values, vh = torch.linalg.svd(summed)
+        best = u[:, :rank] @ torch.diag(singular_values[:rank]) @ vh[:rank]
+        merged = linear.experts[2].lora_B @ linear.experts[2].lora_A
+        torch.testing.assert_close(merged, best, rtol=1e-4, atol=1e-5)
+        # Eckart-Young: the error is the energy of the dropped singular values.
+        error = torch.linalg.matrix_norm(summed - merged)
+        torch.testing.assert_close(error, singular_values[rank:].square().sum().sqrt(), rtol=1e-3, atol=1e-5)
+        # The sources are untouched.
+        assert torch.equal(linear.experts[0].lora_A, a0) and torch.equal(linear.experts[1].lora_B, b1)
+    assert model.config.expert_tasks == ["task-0", "task-1", "task-0+task-1"]
+    router = model.model.routers[0]
+    assert router.experts[2].count == router.experts[0].count + router.experts[1].count
+
+
+def test_average_merge_and_choice_by_usage():
+    model = grown(4)
+    randomize_experts(model)
+    with torch.no_grad():
+        model.model.routers[0].usage.copy_(torch.tensor([5.0, 1.0, 9.0, 7.0]))
+    model.training_expert = None
+    expected = [((e2.lora_A + e3.lora_A) / 2, (e2.lora_B + e3.lora_B) / 2)
+                for linear in model.expert_linears() for e2, e3 in [(linear.experts[2], linear.experts[3])]]
+    assert model.merge_experts(method="average") == (2, 3, 1)  # two most used into the least used
+    for (lora_a, lora_b), linear in zip(expected, model.expert_linears()):
+        assert torch.equal(linear.experts[1].lora_A, lora_a) and torch.equal(linear.experts[1].lora_B, lora_b)
+    assert model.model.routers[0].usage[1] == 16.0
+
+
+def test_best_low_rank_factors_pad_small_matrices():
+    delta = torch.randn(3, 2)
+    lora_a, lora_b = best_low_rank_factors(delta, rank=4)
+    assert lora_a.shape == (4, 2) and lora_b.shape == (3, 4)
+    torch.testing.assert_close(lora_b @ lora_a, delta, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_merge_requests():
+    model = grown(2)
+    with pytest.raises(ValueError, match="at least 3 experts"):
+        model.merge_experts()
+    with pytest.raises(ValueError, match="method must be"):
+        model.merge_experts(method="mean")
+    with pytest.raises(ValueError, match="two different experts"):
+        model.merge_experts(sources=(1, 1), target=0)
+    with pytest.raises(ValueError, match="merge_every_n_steps must be"):
+        PMoEContinualCallback(merge_every_n_steps=0)
+
+
+def test_usage_is_counted_in_training_and_saved(tmp_path):
+    model = make_pmoe()
+    Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(0)),
+            callbacks=[PMoEContinualCallback(tasks=["task-0"])]).train()
+    assert model.expert_usage().tolist() == [16.0]  # 4 steps x 4 sequences, all routed to the trained expert
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = type(model).from_pretrained(tmp_path / "saved")
+    assert reloaded.expert_usage().tolist() == [16.0]
+
+
+def test_callback_merges_every_n_steps_and_training_continues(tmp_path):
+    model = grown(3)
+    callback = PMoEContinualCallback(tasks=["task-0", "task-1", "task-2", "task-3"], merge_every_n_steps=2)
+    trainer = Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(3)), callbacks=[callback])
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any("+" in task for task in model.config.expert_tasks)
+    assert model.config.expert_tasks[3] == "task-3"  # the expert being trained is never overwritten
+    assert any(torch.count_nonzero(p) for n, p in model.expert_parameters(3).items() if n.endswith("lora_B"))
