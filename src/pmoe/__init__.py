@@ -16,6 +16,7 @@ from .modeling_pmoe import (
     PMoEPreTrainedModel,
     PMoERouter,
 )
+from .metrics import continual_metrics, exact_match
 from .trainer_callbacks import PMoEContinualCallback, schedule_from_task_column
 
 
@@ -40,6 +41,8 @@ __all__ = [
     "PMoEModel",
     "PMoEPreTrainedModel",
     "PMoERouter",
+    "continual_metrics",
+    "exact_match",
     "schedule_from_task_column",
     "__version__",
 ]
