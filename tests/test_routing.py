@@ -73,7 +73,7 @@ def test_gaussian_keys_route_each_task_to_its_own_expert_and_growth_keeps_old_ro
             out = model(input_ids=ids)
             assert torch.equal(out.routing_weights[:, :2], weights)
             assert torch.count_nonzero(out.routing_weights[:, 2]) == 0
-            torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-5)
+            assert torch.equal(out.logits, logits)  # the unused expert is not computed at all
     fit_task(model, 2, 2)
     with torch.no_grad():
         for ids, weights in zip(old_inputs, before):

@@ -95,7 +95,11 @@ class PMoELinear(nn.Linear):
         self.experts.append(expert)
         return expert
 
-    def forward(self, x: torch.Tensor, expert_gates: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """`active_experts`: the experts with a non-zero gate somewhere in the batch (`None`: all of them). Only those
+        enter the matmul pair, so top-k and sequence routing cost what the chosen experts cost, not all experts."""
         out = F.linear(x, self.weight, self.bias)
         num_experts = len(self.experts)
         if expert_gates is None or num_experts == 0:
@@ -104,14 +108,30 @@ class PMoELinear(nn.Linear):
             raise ValueError(
                 f"PMoELinear got gates for {expert_gates.shape[-1]} experts but has {num_experts} experts."
             )
-        if num_experts == 1:
-            lora_a, lora_b = self.experts[0].lora_A, self.experts[0].lora_B
-        else:
-            lora_a = torch.cat([expert.lora_A for expert in self.experts], dim=0)  # [E * r, in]
-            lora_b = torch.cat([expert.lora_B for expert in self.experts], dim=1)  # [out, E * r]
+        if active_experts is not None:
+            if not active_experts:
+                return out
+            if len(active_experts) < num_experts:
+                expert_gates = expert_gates[..., list(active_experts)]
+        experts = self.experts if active_experts is None else [self.experts[i] for i in active_experts]
+        lora_a, lora_b = self._concatenated(experts)
         hidden = F.linear(self.expert_dropout(x), lora_a)  # [..., E * r]
         gates = expert_gates.to(hidden.dtype).repeat_interleave(self.rank, dim=-1) * self.scaling
         return out + F.linear(hidden * gates, lora_b)
+
+    def _concatenated(self, experts) -> tuple[torch.Tensor, torch.Tensor]:
+        """`A_cat [E*r, in]` and `B_cat [out, E*r]`. Without autograd (inference) the concatenation is cached until one
+        of the tensors changes (tensor version counters), so decoding does not copy the experts at every token."""
+        if len(experts) == 1:
+            return experts[0].lora_A, experts[0].lora_B
+        if torch.is_grad_enabled():
+            return (torch.cat([e.lora_A for e in experts], dim=0), torch.cat([e.lora_B for e in experts], dim=1))
+        key = tuple((id(t), t._version, t.device, t.dtype) for e in experts for t in (e.lora_A, e.lora_B))
+        cached = self.__dict__.get("_concat_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([e.lora_A for e in experts], dim=0), torch.cat([e.lora_B for e in experts], dim=1))
+            self.__dict__["_concat_cache"] = cached
+        return cached[1], cached[2]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={len(self.experts)}, rank={self.rank}"
@@ -278,6 +298,17 @@ class PMoERouter(nn.Module):
         return result
 
 
+def active_expert_indices(gates: torch.Tensor | None) -> tuple[int, ...] | None:
+    """The experts with a non-zero gate anywhere in `gates` (`None` when all are: no selection needed).
+    One small device-to-host read per routing decision, not per layer."""
+    if gates is None:
+        return None
+    used = gates.detach().reshape(-1, gates.shape[-1]).ne(0).any(dim=0)
+    if bool(used.all()):
+        return None
+    return tuple(used.nonzero().flatten().tolist())
+
+
 def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Tensor:
     """Turn router logits `[..., E]` into gates: sigmoid or softmax, keeping the `top_k` best experts if set.
 
@@ -308,9 +339,13 @@ class PMoEMLP(nn.Module):
         self.down_proj = linear("down_proj", config.intermediate_size, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x: torch.Tensor, expert_gates: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.act_fn(self.gate_proj(x, expert_gates)) * self.up_proj(x, expert_gates)
-        return self.down_proj(hidden, expert_gates)
+    def forward(
+        self, x: torch.Tensor, expert_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        hidden = self.act_fn(self.gate_proj(x, expert_gates, active_experts)) * self.up_proj(
+            x, expert_gates, active_experts
+        )
+        return self.down_proj(hidden, expert_gates, active_experts)
 
 
 class PMoEAttention(nn.Module):
@@ -352,14 +387,15 @@ class PMoEAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
         expert_gates: torch.Tensor | None = None,
+        active_experts: tuple[int, ...] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
-        query_states = self.q_proj(hidden_states, expert_gates).view(hidden_shape)
-        key_states = self.k_proj(hidden_states, expert_gates).view(hidden_shape)
-        value_states = self.v_proj(hidden_states, expert_gates).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states, expert_gates, active_experts).view(hidden_shape)
+        key_states = self.k_proj(hidden_states, expert_gates, active_experts).view(hidden_shape)
+        value_states = self.v_proj(hidden_states, expert_gates, active_experts).view(hidden_shape).transpose(1, 2)
         if self.q_norm is not None:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
@@ -385,7 +421,7 @@ class PMoEAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output, expert_gates), attn_weights
+        return self.o_proj(attn_output, expert_gates, active_experts), attn_weights
 
 
 class PMoEDecoderLayer(GradientCheckpointingLayer):
@@ -407,6 +443,7 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        active_experts: tuple[int, ...] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         # The gates arrive as an argument, not module state, so gradient checkpointing recomputes with the same ones;
@@ -421,13 +458,14 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             expert_gates=expert_gates,
+            active_experts=active_experts,
             **kwargs,
         )
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states, expert_gates)
+        hidden_states = self.mlp(hidden_states, expert_gates, active_experts)
         return residual + hidden_states
 
 
@@ -742,6 +780,7 @@ class PMoEModel(PMoEPreTrainedModel):
 
         first_expert_layer = config.expert_layer_indices[0]
         old_model_input = None
+        active_for, active_experts = None, None
         for layer_idx, decoder_layer in enumerate(self.layers[: config.num_hidden_layers]):
             if compute_old_model and layer_idx == first_expert_layer:
                 old_model_input = hidden_states
@@ -752,12 +791,15 @@ class PMoEModel(PMoEPreTrainedModel):
                 elif layer_idx > first_deep and config.router_per_layer:
                     expert_gates, logits = self._route(self.routers[layer_idx - first_deep], hidden_states, routing_mask)
                     router_logits += (logits.reshape(-1, logits.shape[-1]),)
+            if expert_gates is not active_for:
+                active_for, active_experts = expert_gates, active_expert_indices(expert_gates)
             hidden_states = decoder_layer(
                 hidden_states,
                 expert_gates if decoder_layer.has_experts else None,
                 attention_mask=causal_masks[config.layer_types[layer_idx]],
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                active_experts=active_experts,
                 **layer_kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -791,12 +833,13 @@ class PMoEModel(PMoEPreTrainedModel):
             masked = torch.arange(config.num_experts, device=logits.device) >= new_expert
             old_gates = route(logits.masked_fill(masked, float("-inf")), config.router_activation, config.router_top_k)
             old_gates = old_gates.to(hidden_states.dtype)
+        active_experts = active_expert_indices(old_gates)
         for layer_idx in range(start, config.num_hidden_layers):
             layer = self.layers[layer_idx]
             hidden_states = layer(
                 hidden_states, old_gates if layer.has_experts else None,
                 attention_mask=causal_masks[config.layer_types[layer_idx]], past_key_values=None, use_cache=False,
-                **layer_kwargs,
+                active_experts=active_experts, **layer_kwargs,
             )
         return self.norm(hidden_states)
 
