@@ -2,7 +2,8 @@
 
 Two ways to train, one callback:
 
-* **One `Trainer` per task** (works everywhere, including `torchrun` / DDP, DeepSpeed and FSDP):
+* **One `Trainer` per task** (also under `torchrun` / DDP; with DeepSpeed ZeRO-3 or FSDP, save and reload the model
+  between tasks so each expert is grown on an unsharded model):
 
   ```python
   callback = PMoEContinualCallback(tasks=["support", "sql"])
@@ -293,9 +294,10 @@ class PMoEContinualCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         pmoe_model = unwrap_pmoe(model)
-        steps = list(pmoe_model.config.expert_train_steps)
-        steps[pmoe_model.training_expert] += 1
-        pmoe_model.config.expert_train_steps = steps
+        if pmoe_model.training_expert is not None:
+            steps = list(pmoe_model.config.expert_train_steps)
+            steps[pmoe_model.training_expert] += 1
+            pmoe_model.config.expert_train_steps = steps
         if self.merge_every_n_steps and state.global_step % self.merge_every_n_steps == 0:
             if pmoe_model.config.num_experts >= 3:
                 self._sync_gaussian_statistics(pmoe_model)  # every process picks the same experts

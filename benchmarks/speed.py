@@ -1,0 +1,341 @@
+#!/usr/bin/env python
+"""Speed and memory of PMoE against its peers, measured in one process on the same shapes.
+
+Peers: `LlamaForCausalLM` with the same weights (the floor: PMoE without experts is that model), PEFT LoRA on every
+layer with the same rank and targets, and full fine-tuning.
+
+- prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache):
+  PMoE with 1, 4, 8, 16 and 32 experts, every expert used ("dense": equal gates) and top-2 routing, against Llama;
+- one training step (forward + backward + AdamW step): PMoE training its newest expert, PEFT LoRA, full fine-tuning;
+- peak memory of each case (CPU: peak resident set, reset before each case; CUDA: peak allocated), and parameters /
+  checkpoint bytes added per task.
+
+Timings are medians over repeats after warm-up. Ratios are against the peer measured in the same run. Results go to
+`benchmarks/results/speed{,-quick}.json` and `.md`.
+
+    python benchmarks/speed.py           # hidden 1024, intermediate 2816, 8 layers (4 shallow), rank 8, 512 tokens
+    python benchmarks/speed.py --quick   # tiny shapes, seconds: keeps the script working (run by the test suite)
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import pmoe  # noqa: E402
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
+            seq=512, decode=32, experts=[1, 4, 8, 16, 32], repeats=5, warmup=1)
+QUICK = dict(vocab=512, hidden=128, intermediate=352, layers=4, shallow=2, heads=4, kv_heads=4, rank=4,
+             seq=64, decode=8, experts=[1, 4], repeats=3, warmup=1)
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def paired_medians(functions: dict, device, repeats: int, warmup: int) -> dict:
+    """Median seconds of each function, their runs interleaved (a, b, a, b, ...) so that every contender sees the same
+    machine state: on a busy or thermally throttled CPU, timing one model after the other biases the ratio."""
+    for _ in range(warmup):
+        for fn in functions.values():
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            result = fn()
+            synchronize(device)
+            times[name].append(result if isinstance(result, float) else time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory_of(case: str, args) -> int | None:
+    """Peak memory of one case above the memory the built models take, measured in a fresh process so that the
+    allocator's cache from other cases does not hide it (CPU: peak resident set; CUDA: peak allocated)."""
+    if args.no_memory:
+        return None
+    command = [sys.executable, __file__, "--memory-case", case, "--device", args.device]
+    if args.quick:
+        command.append("--quick")
+    if args.dtype:
+        command += ["--dtype", args.dtype]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        print(f"memory of {case} failed: {result.stderr[-500:]}", flush=True)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def resident_peak_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_resident_peak():
+    with open("/proc/self/clear_refs", "w") as handle:  # Linux: "5" resets VmHWM to the current RSS
+        handle.write("5")
+
+
+# ------------------------------------------------------------------------------------------- models
+def make_llama(shape, device, dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], max_position_embeddings=shape["seq"] + shape["decode"] + 8,
+    )
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def make_pmoe(llama, shape, num_experts, top_k):
+    """PMoE from the same weights, `num_experts` trained-looking experts with identical Gaussian keys (so dense gating
+    uses every expert with equal gates, and top-k uses exactly k)."""
+    model = pmoe.PMoEForCausalLM.from_dense(llama, num_shallow_layers=shape["shallow"], expert_rank=shape["rank"],
+                                            router_top_k=top_k).eval()
+    generator = torch.Generator().manual_seed(1)
+    for index in range(num_experts):
+        model.add_expert(f"task-{index}")
+    with torch.no_grad():
+        for linear in model.expert_linears():
+            for expert in linear.experts:
+                expert.lora_B.copy_(torch.randn(expert.lora_B.shape, generator=generator).to(expert.lora_B) * 0.01)
+        for entry in model.model.routers[0].experts:
+            entry.count.fill_(100.0)
+            entry.feature_sq_sum.fill_(100.0)
+    model.training_expert = None
+    return model
+
+
+# ------------------------------------------------------------------------------------------- cases
+def prefill_fn(model, input_ids):
+    @torch.no_grad()
+    def prefill():
+        return model(input_ids=input_ids, use_cache=True)
+
+    return prefill
+
+
+def decode_fn(model, input_ids, steps, device, sequence_routing):
+    """Returns a function that prefills, then decodes `steps` tokens one at a time and returns seconds per token."""
+
+    @torch.no_grad()
+    def decode():
+        out = model(input_ids=input_ids, use_cache=True)
+        cache = out.past_key_values
+        kwargs = {"routing_weights": out.routing_weights} if sequence_routing else {}
+        token = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
+            token = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        return (time.perf_counter() - start) / steps
+
+    return decode
+
+
+def training_step_fn(model, input_ids, labels):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def build_training_model(name, shape, device, dtype):
+    if name == "full-finetuning":
+        return make_llama(shape, device, dtype)
+    if name == "peft-lora-all-layers":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(
+            make_llama(shape, device, dtype),
+            LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], lora_dropout=0.0, target_modules=TARGETS),
+        )
+    model = make_pmoe(make_llama(shape, device, dtype), shape, 1, None)
+    model.training_expert = 0
+    return model
+
+
+def inputs(shape, device):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, shape["vocab"], (1, shape["seq"]), generator=generator).to(device)
+    labels = input_ids.clone()
+    labels[:, : shape["seq"] // 2] = -100  # the first half is the prompt
+    return input_ids, labels
+
+
+def run_memory_case(case, shape, device, dtype):
+    """`--memory-case`: build the models of one case, run it once to warm up, then measure one more run."""
+    input_ids, labels = inputs(shape, device)
+    if case.startswith("train:"):
+        fn = training_step_fn(build_training_model(case.split(":", 1)[1], shape, device, dtype), input_ids, labels)
+    else:
+        llama = make_llama(shape, device, dtype)
+        if case == "prefill:llama":
+            fn = prefill_fn(llama, input_ids)
+        else:
+            num_experts, routing = case.split(":", 1)[1].split("-")
+            model = make_pmoe(llama, shape, int(num_experts), None if routing == "dense" else 2)
+            fn = prefill_fn(model, input_ids)
+    fn()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        reset_resident_peak()
+        base = resident_peak_bytes()
+        fn()
+        peak = resident_peak_bytes() - base
+    print(json.dumps({"case": case, "peak_bytes": max(0, peak)}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, for smoke runs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory measurements")
+    parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    shape = dict(QUICK if args.quick else FULL)
+    args.repeats = args.repeats or shape["repeats"]
+    args.warmup = shape["warmup"] if args.warmup is None else args.warmup
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.memory_case:
+        return run_memory_case(args.memory_case, shape, device, dtype)
+
+    input_ids, labels = inputs(shape, device)
+    results = {"shape": {k: v for k, v in shape.items() if k not in ("repeats", "warmup")},
+               "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+               "repeats": args.repeats, "inference": {}, "training": {}}
+    print(f"shape {results['shape']} on {device} ({results['dtype']}, {results['threads']} threads)", flush=True)
+    llama = make_llama(shape, device, dtype)
+    llama_prefill, llama_decode = prefill_fn(llama, input_ids), decode_fn(llama, input_ids, shape["decode"], device, False)
+    for num_experts in shape["experts"]:
+        for routing, top_k in (("dense", None), ("top2", 2)):
+            if routing == "top2" and num_experts < 2:
+                continue
+            model = make_pmoe(llama, shape, num_experts, top_k)
+            name = f"pmoe-{num_experts}-{routing}"
+            prefill = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
+                                     device, args.repeats, args.warmup)
+            decode = paired_medians(
+                {"llama": llama_decode, name: decode_fn(model, input_ids, shape["decode"], device, True)},
+                device, args.repeats, args.warmup,
+            )
+            results["inference"][name] = {
+                "prefill_s": prefill[name], "llama_prefill_s": prefill["llama"],
+                "prefill_ratio": prefill[name] / prefill["llama"],
+                "decode_s_per_token": decode[name], "llama_decode_s_per_token": decode["llama"],
+                "decode_ratio": decode[name] / decode["llama"],
+                "prefill_peak_bytes": peak_memory_of(f"prefill:{num_experts}-{routing}", args),
+            }
+            print(name, results["inference"][name], flush=True)
+            del model
+            gc.collect()
+    results["llama_prefill_peak_bytes"] = peak_memory_of("prefill:llama", args)
+
+    # Training: full fine-tuning, PEFT LoRA on every layer, PMoE training its newest expert: interleaved steps.
+    names = ["full-finetuning", "peft-lora-all-layers", "pmoe"]
+    models = {name: build_training_model(name, shape, device, dtype) for name in names}
+    steps = paired_medians({name: training_step_fn(models[name], input_ids, labels) for name in names},
+                           device, args.repeats, args.warmup)
+    for name in names:
+        results["training"][name] = {
+            "step_s": steps[name], "ratio_to_peft": steps[name] / steps["peft-lora-all-layers"],
+            "trainable_parameters": sum(p.numel() for p in models[name].parameters() if p.requires_grad),
+            "step_peak_bytes": peak_memory_of(f"train:{name}", args),
+        }
+        print(name, results["training"][name], flush=True)
+
+    model = models["pmoe"]
+    expert = model.expert_parameters(0)
+    added = sum(p.numel() for p in expert.values())
+    added_bytes = sum(t.numel() * t.element_size() for t in model.expert_tensors(0).values())
+    results["per_task"] = {"parameters_added": added, "checkpoint_bytes_added": added_bytes,
+                           "base_parameters": sum(p.numel() for p in llama.parameters())}
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, "speed-quick" if args.quick else "speed")
+    with open(stem + ".json", "w") as handle:
+        json.dump(results, handle, indent=2)
+    with open(stem + ".md", "w") as handle:
+        handle.write(markdown(results))
+    print(markdown(results))
+
+
+def mib(value):
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def markdown(results) -> str:
+    inference, training = results["inference"], results["training"]
+    shape = results["shape"]
+    lines = [
+        f"Shape: hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers "
+        f"({shape['shallow']} shallow), vocab {shape['vocab']}, rank {shape['rank']} on all 7 projections, batch 1, "
+        f"{shape['seq']} prompt tokens, {shape['decode']} decoded; {results['device']} {results['dtype']}, "
+        f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs; "
+        "each ratio is against the same-weights Llama timed alongside it. Sequence routing with Gaussian keys: "
+        "\"dense\" gives every expert an equal gate (all of them computed), \"top2\" two.",
+        "",
+        "| model | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak memory (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    first = next(iter(inference.values()))
+    lines.append(f"| llama | {first['llama_prefill_s']:.4f} | 1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | "
+                 f"1.000 | {mib(results.get('llama_prefill_peak_bytes'))} |")
+    for name, row in inference.items():
+        lines.append(
+            f"| {name} | {row['prefill_s']:.4f} | {row['prefill_ratio']:.3f} | {1000 * row['decode_s_per_token']:.2f} "
+            f"| {row['decode_ratio']:.3f} | {mib(row['prefill_peak_bytes'])} |"
+        )
+    lines += ["", "| training step | seconds | x PEFT LoRA | trainable parameters | step peak memory (MiB) |",
+              "|---|---|---|---|---|"]
+    for name, row in training.items():
+        lines.append(f"| {name} | {row['step_s']:.4f} | {row['ratio_to_peft']:.3f} | "
+                     f"{row['trainable_parameters']:,} | {mib(row['step_peak_bytes'])} |")
+    per_task = results["per_task"]
+    lines += ["", f"Per task: {per_task['parameters_added']:,} parameters "
+              f"({100 * per_task['parameters_added'] / per_task['base_parameters']:.2f}% of the base model), "
+              f"{per_task['checkpoint_bytes_added'] / 2**20:.2f} MiB of checkpoint.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
