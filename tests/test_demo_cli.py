@@ -8,12 +8,18 @@ from pmoe.demo import run_demo
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    result = run_demo(output_dir=str(tmp_path / "demo"), steps_per_task=3)
+    result = run_demo(output_dir=str(tmp_path / "demo"), steps_per_task=2, pretrain_steps=3, train_examples=64,
+                      test_examples=8, cache_dir=str(tmp_path / "cache"))
     assert result["conversion_diff"] == 0.0
     assert result["identical_after_reload"]
-    assert [len(row) for row in result["accuracy_matrix"]] == [1, 2, 3]
-    assert (tmp_path / "demo" / "modeling_pmoe.py").exists()
-    assert "reloaded with AutoModelForCausalLM" in capsys.readouterr().out
+    for method in result["methods"].values():
+        assert [len(row) for row in method["matrix"]] == [4, 4, 4, 4]
+        assert {"LA", "OP", "BWT", "FWT"} <= set(method["metrics"])
+    assert (tmp_path / "demo" / "continual_learning.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "pmoe-model" / "modeling_pmoe.py").exists()
+    assert (tmp_path / "cache" / "demo-base-v1-3" / "model.safetensors").exists()  # cached for the next run
+    output = capsys.readouterr().out
+    assert "sequential fine-tuning: exact match" in output and "reloaded with AutoModelForCausalLM" in output
 
 
 def test_cli_help_and_errors():
