@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, T
 
 import pmoe
 from pmoe.metrics import continual_metrics, exact_match
+from pmoe.tasks import padding_collator
 
 
 logger = logging.getLogger(__name__)
@@ -113,20 +114,6 @@ def tokenize_for_training(dataset, tokenizer, args: DataArguments):
     return dataset.map(encode, remove_columns=dataset.column_names)
 
 
-def collate(tokenizer):
-    def pad(batch):
-        length = max(len(example["input_ids"]) for example in batch)
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for example in batch:
-            missing = length - len(example["input_ids"])
-            out["input_ids"].append(example["input_ids"] + [tokenizer.pad_token_id] * missing)
-            out["attention_mask"].append(example["attention_mask"] + [0] * missing)
-            out["labels"].append(example["labels"] + [-100] * missing)
-        return {key: torch.tensor(value) for key, value in out.items()}
-
-    return pad
-
-
 @torch.no_grad()
 def evaluate_task(model, tokenizer, test_set, args: DataArguments, description: str) -> float:
     """Exact match of greedy answers, no task id: the router picks the expert from each prompt."""
@@ -188,7 +175,7 @@ def main(argv=None):
     for name in names:
         training_args.output_dir = os.path.join(base_output_dir, "tasks", name)
         train_set = tokenize_for_training(tasks[name]["train"], tokenizer, data_args)
-        trainer = Trainer(model, training_args, train_dataset=train_set, data_collator=collate(tokenizer),
+        trainer = Trainer(model, training_args, train_dataset=train_set, data_collator=padding_collator(tokenizer),
                           callbacks=[callback])
         trainer.train()
         row = [evaluate_task(model, tokenizer, tasks[seen]["test"], data_args, f"after {name}: {seen}")

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from .metrics import continual_metrics, exact_match
 from .modeling_pmoe import PMoEForCausalLM
-from .tasks import char_tokenizer, pretraining_text, task_splits
+from .tasks import char_tokenizer, padding_collator, pretraining_text, task_splits
 from .trainer_callbacks import PMoEContinualCallback
 
 
@@ -50,20 +50,6 @@ def encode(examples, tokenizer, with_answer=True):
         labels = [-100] * len(prompt) + answer if with_answer else None
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return rows
-
-
-def collate(pad_id):
-    def pad(batch):
-        length = max(len(row["input_ids"]) for row in batch)
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for row in batch:
-            missing = length - len(row["input_ids"])
-            out["input_ids"].append(row["input_ids"] + [pad_id] * missing)
-            out["attention_mask"].append(row["attention_mask"] + [0] * missing)
-            out["labels"].append(row["labels"] + [-100] * missing)
-        return {key: torch.tensor(value) for key, value in out.items()}
-
-    return pad
 
 
 def pretrained_base(steps: int = 1500, cache_dir: str | None = None, seed: int = 0):
@@ -90,7 +76,7 @@ def pretrained_base(steps: int = 1500, cache_dir: str | None = None, seed: int =
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 5),
         save_strategy="no", report_to="none", use_cpu=True, seed=seed,
     )
-    Trainer(model, args, train_dataset=rows, data_collator=collate(tokenizer.pad_token_id)).train()
+    Trainer(model, args, train_dataset=rows, data_collator=padding_collator(tokenizer)).train()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model.eval(), tokenizer
@@ -120,7 +106,7 @@ def train_task(model, rows, tokenizer, steps, learning_rate, output_dir, callbac
         lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 3),
         save_strategy="no", report_to="none", use_cpu=True, seed=seed,
     )
-    Trainer(model, args, train_dataset=rows, data_collator=collate(tokenizer.pad_token_id),
+    Trainer(model, args, train_dataset=rows, data_collator=padding_collator(tokenizer),
             callbacks=list(callbacks)).train()
 
 

@@ -16,7 +16,7 @@ task appears in it.
 import random
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
 
 LETTERS = "abcdefghij"
@@ -36,6 +36,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def padding_collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Pads `input_ids` / `attention_mask` on the right and `labels` with -100, for causal-LM training batches."""
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
 def _word(rng: random.Random, alphabet: str, low: int, high: int) -> str:
@@ -100,4 +106,4 @@ def pretraining_text(count: int, seed: int = 0) -> list[str]:
     return texts
 
 
-__all__ = ["TASKS", "char_tokenizer", "pretraining_text", "task_examples", "task_splits"]
+__all__ = ["TASKS", "char_tokenizer", "padding_collator", "pretraining_text", "task_examples", "task_splits"]
