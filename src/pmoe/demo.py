@@ -152,7 +152,7 @@ def save_figure(path, tasks, results, routing):
 
 def run_demo(output_dir: str | None = None, steps_per_task: int = 300, pretrain_steps: int = 1500,
              train_examples: int = 4000, test_examples: int = 100, cache_dir: str | None = None,
-             expert_layers: str = "all", expert_lr: float = 3e-3,
+             expert_layers: str = "all", expert_lr: float = 3e-3, expert_rank: int = 8,
              seed: int = 0) -> dict:
     started = time.time()
     hf_logging.set_verbosity_error()
@@ -162,7 +162,9 @@ def run_demo(output_dir: str | None = None, steps_per_task: int = 300, pretrain_
     splits = {task: task_splits(task, train_examples, test_examples, seed) for task in DEMO_TASKS}
     train_rows = {task: encode(splits[task]["train"], tokenizer) for task in DEMO_TASKS}
 
-    model = PMoEForCausalLM.from_dense(base, num_shallow_layers=2, expert_rank=8, expert_layers=expert_layers)
+    model = PMoEForCausalLM.from_dense(
+        base, num_shallow_layers=2, expert_rank=expert_rank, expert_layers=expert_layers
+    )
     probe = torch.tensor([encode(splits["add"]["test"][:4], tokenizer)[0]["input_ids"]])
     with torch.no_grad():
         conversion_diff = (model(input_ids=probe).logits - base(input_ids=probe).logits).abs().max().item()
