@@ -150,3 +150,18 @@ def test_routing_weights_shape_is_checked():
 def test_routing_option_errors(overrides, field):
     with pytest.raises(ValueError, match=f"PMoEConfig.{field} must be"):
         make_pmoe(**overrides)
+
+
+def test_router_can_read_an_earlier_layer():
+    model = make_pmoe(router_input_layer=0)
+    model.add_expert("a")
+    model.add_expert("b")
+    randomize_experts(model)
+    input_ids, _ = task_batch(0)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, output_router_logits=True)
+        embeddings = model.model.embed_tokens(input_ids)
+        expected, _ = model.model.routers[0](model.model.routers[0].features(embeddings, None))
+    torch.testing.assert_close(out.router_logits[0], expected.reshape(-1, 2))
+    with pytest.raises(ValueError, match=r"PMoEConfig.router_input_layer must be an integer in \[0, num_shallow_layers\]"):
+        make_pmoe(router_input_layer=3)

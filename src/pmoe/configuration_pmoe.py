@@ -80,6 +80,10 @@ class PMoEConfig(PreTrainedConfig):
     - `router_temperature` (`float`, defaults to 1.0): router logits are divided by it before the activation.
     - `router_per_layer` (`bool`, defaults to `False`): one router per deep layer, each reading the hidden state that
       enters its layer, instead of one shared router at the boundary. Needs `routing="token"`.
+    - `router_input_layer` (`int`, *optional*, defaults to `num_shallow_layers`): the router reads the hidden state
+      entering this layer. The default is the boundary (the deep features PMoE routes on); a smaller value is the
+      ablation "router on shallow features" (0: the embeddings). Allowed: `0 <= router_input_layer <=
+      num_shallow_layers`.
     - `router_aux_loss_coef` (`float`, defaults to 0.0): weight of the load-balancing loss (Switch / Mixtral) added to
       the LM loss when `output_router_logits=True`. Off by default: balancing old, frozen experts against a new one
       fights continual learning.
@@ -147,6 +151,7 @@ class PMoEConfig(PreTrainedConfig):
     router_top_k: int | None = None
     router_temperature: float = 1.0
     router_per_layer: bool = False
+    router_input_layer: int | None = None
     router_aux_loss_coef: float = 0.0
     output_router_logits: bool = False
     num_experts: int = 0
@@ -164,6 +169,8 @@ class PMoEConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_shallow_layers is None:
             self.num_shallow_layers = self.num_hidden_layers // 2
+        if self.router_input_layer is None:
+            self.router_input_layer = self.num_shallow_layers
         if self.expert_alpha is None:
             self.expert_alpha = 2.0 * self.expert_rank
         if self.expert_target_modules is None:
@@ -228,6 +235,11 @@ class PMoEConfig(PreTrainedConfig):
         if not is_int(self.num_shallow_layers) or not 0 <= self.num_shallow_layers <= last:
             fail("num_shallow_layers", f"an integer in [0, num_hidden_layers - 1] = [0, {last}]",
                  self.num_shallow_layers)
+        if not is_int(self.router_input_layer) or not 0 <= self.router_input_layer <= self.num_shallow_layers:
+            fail("router_input_layer", f"an integer in [0, num_shallow_layers] = [0, {self.num_shallow_layers}]",
+                 self.router_input_layer)
+        if self.router_per_layer and self.router_input_layer != self.num_shallow_layers:
+            fail("router_input_layer", "num_shallow_layers when router_per_layer=True", self.router_input_layer)
         if not is_int(self.expert_rank) or self.expert_rank < 1:
             fail("expert_rank", "an integer >= 1", self.expert_rank)
         if isinstance(self.expert_alpha, bool) or not isinstance(self.expert_alpha, (int, float)) or not (
@@ -347,7 +359,7 @@ class PMoEConfig(PreTrainedConfig):
         pmoe_fields = {
             "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
             "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
-            "expert_layers", "router_top_k", "router_temperature", "router_per_layer",
+            "expert_layers", "router_top_k", "router_temperature", "router_per_layer", "router_input_layer",
             "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights", "distillation_alpha",
         }
         unknown = sorted(set(pmoe_options) - pmoe_fields)

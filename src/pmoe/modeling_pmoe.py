@@ -770,7 +770,7 @@ class PMoEModel(PMoEPreTrainedModel):
             boundary = inputs_embeds
             prepass_masks = self._causal_masks({**mask_kwargs, "past_key_values": None})
             with torch.set_grad_enabled(torch.is_grad_enabled() and config.router_keys == "learned"):
-                for layer_idx in range(first_deep):
+                for layer_idx in range(config.router_input_layer):
                     boundary = self.layers[layer_idx](
                         boundary, None, attention_mask=prepass_masks[config.layer_types[layer_idx]],
                         past_key_values=None, use_cache=False, **layer_kwargs,
@@ -784,11 +784,11 @@ class PMoEModel(PMoEPreTrainedModel):
         for layer_idx, decoder_layer in enumerate(self.layers[: config.num_hidden_layers]):
             if compute_old_model and layer_idx == first_expert_layer:
                 old_model_input = hidden_states
-            if has_experts and layer_idx >= first_deep:
-                if layer_idx == first_deep and expert_gates is None:
-                    expert_gates, logits = self._route(self.routers[0], hidden_states, routing_mask)
-                    router_logits += (logits.reshape(-1, logits.shape[-1]),)
-                elif layer_idx > first_deep and config.router_per_layer:
+            if has_experts and layer_idx == config.router_input_layer and expert_gates is None:
+                expert_gates, logits = self._route(self.routers[0], hidden_states, routing_mask)
+                router_logits += (logits.reshape(-1, logits.shape[-1]),)
+            if has_experts and layer_idx > first_deep:
+                if config.router_per_layer:
                     expert_gates, logits = self._route(self.routers[layer_idx - first_deep], hidden_states, routing_mask)
                     router_logits += (logits.reshape(-1, logits.shape[-1]),)
             if expert_gates is not active_for:
