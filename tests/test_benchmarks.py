@@ -28,3 +28,18 @@ def test_speed_benchmark_memory_case_runs():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"] >= 0
+
+
+def test_continual_benchmark_quick_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "continual.py"), "--quick", "--methods", "pmoe",
+         "sequential-lora", "multitask", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "continual-quick.json").read_text())
+    assert set(results["summary"]) == {"pmoe", "sequential-lora", "multitask"}
+    for method in results["summary"].values():
+        assert {"LA", "OP", "BWT", "FWT", "trainable_per_task", "added_per_task"} <= set(method)
+    assert (tmp_path / "continual-quick.png").exists()
+    assert "| pmoe |" in (tmp_path / "continual-quick.md").read_text()

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Continual-learning quality of PMoE against the usual baselines, on the built-in task sequence.
+
+Every method starts from the same pretrained base (the demo's, `pmoe.demo.pretrained_base`), sees the same data in
+the same task order, trains the same number of steps per task, and is measured the same way (exact match of greedy
+answers on each task's test split, no task id) after every task. Reported per method, mean and spread over seeds:
+LA (learning accuracy, the diagonal), OP (overall performance, the last row), BWT, FWT, trainable parameters per
+task, parameters added per task, wall time.
+
+Methods:
+  pmoe                  library defaults (deep experts, sequence routing, Gaussian keys)
+  pmoe-all-layers       experts in every layer (the symmetric ablation, and the plasticity option)
+  pmoe-router-layer1    the router reads the first layer's output instead of the boundary
+  pmoe-distill          + Lifelong-MoE distillation (alpha 0.5)
+  pmoe-merge            + expert merging every 100 steps (svd)
+  sequential-ft         full fine-tuning, task after task
+  sequential-lora       one PEFT LoRA adapter (same rank, all 7 projections of every layer), task after task
+  replay                full fine-tuning with a buffer of 200 examples of each earlier task mixed in
+  multitask             full fine-tuning on all tasks at once, same total steps (upper bound; OP only)
+  single-task-lora      a fresh PEFT LoRA adapter per task from the base (the reference for LA)
+
+    python benchmarks/continual.py                          # all methods, 3 seeds
+    python benchmarks/continual.py --methods pmoe sequential-ft --seeds 0
+    python benchmarks/continual.py --quick                  # seconds: keeps the script working (tests)
+"""
+
+import argparse
+import copy
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from pmoe import PMoEContinualCallback, PMoEForCausalLM  # noqa: E402
+from pmoe.demo import DEMO_TASKS, encode, evaluate, pretrained_base, train_task  # noqa: E402
+from pmoe.metrics import continual_metrics  # noqa: E402
+from pmoe.tasks import task_splits  # noqa: E402
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["pmoe", "pmoe-all-layers", "pmoe-router-layer1", "pmoe-distill", "pmoe-merge", "sequential-ft",
+           "sequential-lora", "replay", "multitask", "single-task-lora"]
+PMOE_OPTIONS = {
+    "pmoe": {},
+    "pmoe-all-layers": {"expert_layers": "all"},
+    "pmoe-router-layer1": {"router_input_layer": 1},
+    "pmoe-distill": {"distillation_alpha": 0.5},
+    "pmoe-merge": {},
+}
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora(model, rank):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
+
+
+def run_method(method, base, tokenizer, data, args, seed, workdir):
+    """Returns the accuracy matrix (rows: after each task) and the parameter counts."""
+    tasks = DEMO_TASKS
+    steps, rank = args.steps_per_task, args.rank
+    row_of = lambda model: [evaluate(model, tokenizer, data[t]["test"])[0] for t in tasks]  # noqa: E731
+    matrix, info = [], {}
+    torch.manual_seed(seed)
+    if method.startswith("pmoe"):
+        model = PMoEForCausalLM.from_dense(copy.deepcopy(base), num_shallow_layers=2, expert_rank=rank,
+                                           **PMOE_OPTIONS[method])
+        callback = PMoEContinualCallback(tasks=tasks, merge_every_n_steps=100 if method == "pmoe-merge" else None)
+        for task in tasks:
+            train_task(model, data[task]["rows"], tokenizer, steps, args.expert_lr, workdir, [callback], seed)
+            info.setdefault("trainable_per_task", trainable(model))
+            matrix.append(row_of(model))
+        info["added_per_task"] = sum(p.numel() for p in model.expert_parameters(0).values())
+    elif method in ("sequential-ft", "replay"):
+        model = copy.deepcopy(base)
+        rng = random.Random(seed)
+        buffer = []
+        for task in tasks:
+            rows = list(data[task]["rows"]) + (buffer if method == "replay" else [])
+            train_task(model, rows, tokenizer, steps, args.full_lr, workdir, seed=seed)
+            buffer += rng.sample(data[task]["rows"], min(200, len(data[task]["rows"])))
+            matrix.append(row_of(model))
+        info.update(trainable_per_task=trainable(model), added_per_task=0)
+    elif method == "sequential-lora":
+        model = lora(copy.deepcopy(base), rank)
+        for task in tasks:
+            train_task(model, data[task]["rows"], tokenizer, steps, args.expert_lr, workdir, seed=seed)
+            matrix.append(row_of(model))
+        info.update(trainable_per_task=trainable(model), added_per_task=trainable(model) // len(tasks))
+    elif method == "multitask":
+        model = copy.deepcopy(base)
+        rows = [row for task in tasks for row in data[task]["rows"]]
+        train_task(model, rows, tokenizer, steps * len(tasks), args.full_lr, workdir, seed=seed)
+        final = row_of(model)
+        matrix = [final for _ in tasks]  # one model: only OP is meaningful
+        info.update(trainable_per_task=trainable(model), added_per_task=0)
+    elif method == "single-task-lora":
+        diagonal = []
+        for index, task in enumerate(tasks):
+            model = lora(copy.deepcopy(base), rank)
+            train_task(model, data[task]["rows"], tokenizer, steps, args.expert_lr, workdir, seed=seed)
+            diagonal.append(evaluate(model, tokenizer, data[task]["test"])[0])
+        matrix = [[diagonal[j] if j == i else 0.0 for j in range(len(tasks))] for i in range(len(tasks))]
+        info.update(trainable_per_task=trainable(model), added_per_task=trainable(model))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return matrix, info
+
+
+def summarize(runs):
+    """Mean and standard deviation over seeds of each metric."""
+    out = {}
+    for key in ("LA", "OP", "BWT", "FWT"):
+        values = [run["metrics"][key] for run in runs]
+        out[key] = {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+    out["seconds"] = statistics.mean(run["seconds"] for run in runs)
+    out["trainable_per_task"] = runs[0]["trainable_per_task"]
+    out["added_per_task"] = runs[0]["added_per_task"]
+    out["seeds"] = [run["seed"] for run in runs]
+    return out
+
+
+def markdown(summary, args) -> str:
+    def cell(metric, method):
+        value = summary[method][metric]
+        if method == "multitask" and metric != "OP" or method == "single-task-lora" and metric != "LA":
+            return "-"
+        return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+
+    lines = [
+        f"Built-in tasks {', '.join(DEMO_TASKS)} (in this order); {args.steps_per_task} steps of 32 examples per task; "
+        f"exact match (%) on each task's test split, no task id; mean ± std over seeds "
+        f"{summary[next(iter(summary))]['seeds']}; LoRA / expert rank {args.rank}.",
+        "",
+        "| method | LA | OP | BWT | FWT | trainable params / task | params added / task | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in summary.items():
+        lines.append(
+            f"| {method} | {cell('LA', method)} | {cell('OP', method)} | {cell('BWT', method)} | "
+            f"{cell('FWT', method)} | {row['trainable_per_task']:,} | {row['added_per_task']:,} | "
+            f"{row['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(path, summary):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(summary)
+    figure, axis = plt.subplots(figsize=(max(8, 1.1 * len(methods)), 4))
+    width = 0.27
+    for offset, metric in zip((-width, 0, width), ("LA", "OP", "BWT")):
+        means = [100 * summary[m][metric]["mean"] for m in methods]
+        errors = [100 * summary[m][metric]["std"] for m in methods]
+        axis.bar([i + offset for i in range(len(methods))], means, width, yerr=errors, label=metric, capsize=2)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    axis.set_ylabel("exact match (%)")
+    axis.legend()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps-per-task", type=int, default=300)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--expert-lr", type=float, default=3e-3, help="PMoE experts and LoRA adapters")
+    parser.add_argument("--full-lr", type=float, default=1e-3, help="full fine-tuning (sequential, replay, multitask)")
+    parser.add_argument("--train-examples", type=int, default=4000)
+    parser.add_argument("--test-examples", type=int, default=100)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--quick", action="store_true", help="a few steps and examples, to keep the script working")
+    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    if args.quick:
+        args.steps_per_task, args.train_examples, args.test_examples, args.pretrain_steps = 2, 64, 8, 3
+        args.seeds = args.seeds[:1]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    base, tokenizer = pretrained_base(args.pretrain_steps, args.cache_dir)
+    workdir = os.path.join(args.output_dir, "tmp-runs")
+    runs = {method: [] for method in args.methods}
+    for seed in args.seeds:
+        data = {}
+        for task in DEMO_TASKS:
+            splits = task_splits(task, args.train_examples, args.test_examples, seed)
+            data[task] = {"rows": encode(splits["train"], tokenizer), "test": splits["test"]}
+        baseline = [evaluate(base, tokenizer, data[t]["test"])[0] for t in DEMO_TASKS]
+        for method in args.methods:
+            started = time.time()
+            matrix, info = run_method(method, base, tokenizer, data, args, seed, workdir)
+            run = {"seed": seed, "matrix": matrix, "baseline": baseline, "seconds": time.time() - started,
+                   "metrics": continual_metrics(matrix, baseline), **info}
+            runs[method].append(run)
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(os.path.join(args.output_dir, "continual-partial.json"), "w") as handle:
+                json.dump({"args": vars(args), "runs": runs}, handle)  # survives an interrupted run
+            print(f"seed {seed} {method}: LA {run['metrics']['LA']:.3f} OP {run['metrics']['OP']:.3f} "
+                  f"BWT {run['metrics']['BWT']:+.3f} ({run['seconds']:.0f}s)", flush=True)
+    summary = {method: summarize(method_runs) for method, method_runs in runs.items()}
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = os.path.join(args.output_dir, "continual-quick" if args.quick else "continual")
+    with open(stem + ".json", "w") as handle:
+        json.dump({"args": vars(args), "tasks": DEMO_TASKS, "summary": summary, "runs": runs}, handle, indent=2)
+    with open(stem + ".md", "w") as handle:
+        handle.write(markdown(summary, args))
+    save_figure(stem + ".png", summary)
+    os.remove(os.path.join(args.output_dir, "continual-partial.json"))
+    print(markdown(summary, args))
+
+
+if __name__ == "__main__":
+    main()
