@@ -872,8 +872,8 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
                       target: int | None = None) -> tuple[int, int, int]:
         """Merge two experts and write the result over a third (Park 2024); return `(source, source, target)`.
 
-        By default the sources are the two most used experts and the target is the least used other one (never the
-        expert being trained). `method="average"` averages the LoRA factors (the paper's merge); `method="svd"` writes
+        By default the sources are the two most used experts and the target is the least used other one, all three
+        chosen among the experts not being trained. `method="average"` averages the LoRA factors (the paper's merge); `method="svd"` writes
         the best rank-r approximation of the sum of the two experts' updates (`B_i A_i + B_j A_j`) into the target's
         rank-r factors. The target's router key covers both sources (Gaussian statistics are added; learned keys are
         averaged) and its task name becomes `"<source>+<source>"`.
@@ -882,22 +882,25 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         if method not in ("svd", "average"):
             raise ValueError(f"merge_experts: method must be 'svd' or 'average', got {method!r}.")
         usage = self.expert_usage()
+        # The expert being trained is never picked automatically: it is still learning its task.
+        candidates = [e for e in range(config.num_experts) if e != self.training_expert]
         if sources is None:
-            if config.num_experts < 3:
-                raise ValueError(f"merge_experts needs at least 3 experts to pick two sources and a different target; "
-                                 f"the model has {config.num_experts}.")
-            ranked = sorted(range(config.num_experts), key=lambda e: (-usage[e].item(), e))
+            if len(candidates) < 3:
+                raise ValueError(
+                    f"merge_experts needs at least 3 experts besides the one being trained to pick two sources and a "
+                    f"different target; the model has {config.num_experts} (training expert: {self.training_expert})."
+                )
+            ranked = sorted(candidates, key=lambda e: (-usage[e].item(), e))
             sources = (ranked[0], ranked[1])
         first, second = sources
         if first == second or not all(0 <= e < config.num_experts for e in (first, second)):
             raise ValueError(f"merge_experts: sources must be two different experts in [0, {config.num_experts}), "
                              f"got {sources}.")
         if target is None:
-            candidates = [e for e in range(config.num_experts)
-                          if e not in (first, second) and e != self.training_expert]
-            if not candidates:
+            targets = [e for e in candidates if e not in (first, second)]
+            if not targets:
                 raise ValueError("merge_experts: no expert left to overwrite (not a source, not being trained).")
-            target = min(candidates, key=lambda e: (usage[e].item(), -e))
+            target = min(targets, key=lambda e: (usage[e].item(), -e))
         if not 0 <= target < config.num_experts:
             raise ValueError(f"merge_experts: target must be in [0, {config.num_experts}), got {target}.")
 

@@ -110,7 +110,8 @@ class PMoEContinualCallback(TrainerCallback):
         distillation_alpha (`float`, *optional*): set `config.distillation_alpha` of the model (Lifelong-MoE
             `alpha * KL(old || new)`, see `PMoEConfig`) when the Trainer is built.
         merge_every_n_steps (`int`, *optional*): every N optimizer steps, merge the two most used experts over the
-            least used other one (`model.merge_experts`, Park 2024); skipped while the model has fewer than 3 experts.
+            least used other one (`model.merge_experts`, Park 2024), among the experts not being trained; skipped while
+            there are fewer than 3 of those.
         merge_method (`"svd"` or `"average"`, defaults to `"svd"`).
     """
 
@@ -299,7 +300,8 @@ class PMoEContinualCallback(TrainerCallback):
             steps[pmoe_model.training_expert] += 1
             pmoe_model.config.expert_train_steps = steps
         if self.merge_every_n_steps and state.global_step % self.merge_every_n_steps == 0:
-            if pmoe_model.config.num_experts >= 3:
+            others = pmoe_model.config.num_experts - (pmoe_model.training_expert is not None)
+            if others >= 3:
                 self._sync_gaussian_statistics(pmoe_model)  # every process picks the same experts
                 first, second, target = pmoe_model.merge_experts(method=self.merge_method)
                 logger.info(f"Step {state.global_step}: merged experts {first} and {second} into expert {target}.")
