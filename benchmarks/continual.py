@@ -129,10 +129,15 @@ def summarize(runs):
     return out
 
 
+def meaningful(method, metric) -> bool:
+    """The multitask model is one model (only OP); single-task LoRA is one adapter per task (only LA)."""
+    return not (method == "multitask" and metric != "OP" or method == "single-task-lora" and metric != "LA")
+
+
 def markdown(summary, args) -> str:
     def cell(metric, method):
         value = summary[method][metric]
-        if method == "multitask" and metric != "OP" or method == "single-task-lora" and metric != "LA":
+        if not meaningful(method, metric):
             return "-"
         return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
 
@@ -163,8 +168,9 @@ def save_figure(path, summary):
     figure, axis = plt.subplots(figsize=(max(8, 1.1 * len(methods)), 4))
     width = 0.27
     for offset, metric in zip((-width, 0, width), ("LA", "OP", "BWT")):
-        means = [100 * summary[m][metric]["mean"] for m in methods]
-        errors = [100 * summary[m][metric]["std"] for m in methods]
+        shown = [meaningful(m, metric) for m in methods]
+        means = [100 * summary[m][metric]["mean"] if ok else float("nan") for m, ok in zip(methods, shown)]
+        errors = [100 * summary[m][metric]["std"] if ok else 0.0 for m, ok in zip(methods, shown)]
         axis.bar([i + offset for i in range(len(methods))], means, width, yerr=errors, label=metric, capsize=2)
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
