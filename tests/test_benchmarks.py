@@ -27,7 +27,8 @@ def test_speed_benchmark_memory_case_runs():
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"] >= 0
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["case"] == "train:pmoe" and isinstance(report["peak_bytes"], int)
 
 
 def test_continual_benchmark_quick_runs(tmp_path):

@@ -186,12 +186,19 @@ def test_training_step_changes_only_the_new_expert():
 
 
 # --------------------------------------------------------------------------------- expert layer and router
-def test_expert_linear_matches_a_per_expert_reference():
-    config = tiny_pmoe_config(num_experts=3, expert_tasks=["a", "b", "c"], expert_rank=4)
+def trained_expert_linear(num_experts, bias):
+    """A 32 -> 24 `PMoELinear` with `num_experts` rank-4 experts whose B is non-zero, as after training."""
+    config = tiny_pmoe_config(num_experts=num_experts, expert_tasks=[f"t{i}" for i in range(num_experts)],
+                              expert_rank=4)
     torch.manual_seed(0)
-    linear = PMoELinear(32, 24, True, config, with_experts=True)
+    linear = PMoELinear(32, 24, bias, config, with_experts=True)
     for expert in linear.experts:
         torch.nn.init.normal_(expert.lora_B)
+    return config, linear
+
+
+def test_expert_linear_matches_a_per_expert_reference():
+    config, linear = trained_expert_linear(3, bias=True)
     x = torch.randn(2, 5, 32)
     gates = torch.rand(2, 5, 3)
     expected = F.linear(x, linear.weight, linear.bias)
@@ -330,11 +337,7 @@ def test_auto_classes_are_registered():
 
 
 def test_only_active_experts_are_computed_and_the_result_is_the_same():
-    config = tiny_pmoe_config(num_experts=4, expert_tasks=["a", "b", "c", "d"], expert_rank=4)
-    torch.manual_seed(0)
-    linear = PMoELinear(32, 24, False, config, with_experts=True)
-    for expert in linear.experts:
-        torch.nn.init.normal_(expert.lora_B)
+    _, linear = trained_expert_linear(4, bias=False)
     x = torch.randn(2, 5, 32)
     gates = torch.zeros(2, 1, 4)
     gates[0, 0, 1], gates[1, 0, 3] = 0.7, 1.0

@@ -21,8 +21,14 @@ ROUTER_KEY_TYPES = ("gaussian", "learned")
 EXPERT_LAYER_CHOICES = ("deep", "all")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# Dense architectures `PMoEConfig.from_dense_config` knows how to convert, by `model_type`.
-SUPPORTED_DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Dense causal LMs `from_dense` converts: `model_type` -> class name.
+SUPPORTED_DENSE_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+SUPPORTED_DENSE_MODEL_TYPES = tuple(SUPPORTED_DENSE_ARCHITECTURES)
 
 
 class PMoEConfig(PreTrainedConfig):
@@ -345,10 +351,9 @@ class PMoEConfig(PreTrainedConfig):
         """
         model_type = getattr(dense_config, "model_type", None)
         if model_type not in SUPPORTED_DENSE_MODEL_TYPES:
+            supported = ", ".join(f"{name} ({kind})" for kind, name in SUPPORTED_DENSE_ARCHITECTURES.items())
             raise ValueError(
-                f"Cannot convert a dense model of type {model_type!r} to PMoE. Supported architectures: "
-                "LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), "
-                "Qwen3ForCausalLM (qwen3)."
+                f"Cannot convert a dense model of type {model_type!r} to PMoE. Supported architectures: {supported}."
             )
         forbidden = {"num_experts", "expert_tasks", "expert_train_steps"} & set(pmoe_options)
         if forbidden:
@@ -411,4 +416,10 @@ class PMoEConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["PMoEConfig", "PMOE_FORMAT_VERSION", "EXPERT_TARGET_MODULES", "SUPPORTED_DENSE_MODEL_TYPES"]
+__all__ = [
+    "PMoEConfig",
+    "PMOE_FORMAT_VERSION",
+    "EXPERT_TARGET_MODULES",
+    "SUPPORTED_DENSE_ARCHITECTURES",
+    "SUPPORTED_DENSE_MODEL_TYPES",
+]

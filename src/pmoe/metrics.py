@@ -15,6 +15,9 @@ import re
 import string
 
 
+PUNCTUATION = set(string.punctuation)
+
+
 def _check_square(matrix):
     size = len(matrix)
     if size == 0 or any(len(row) != size for row in matrix):
@@ -46,7 +49,7 @@ def continual_metrics(matrix: list[list[float]], baseline: list[float] | None = 
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and articles, squeeze white space (SQuAD's normalisation)."""
     text = text.lower()
-    text = "".join(character for character in text if character not in set(string.punctuation))
+    text = "".join(character for character in text if character not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

@@ -11,6 +11,7 @@ This file is shipped inside every checkpoint as remote code: it imports only tor
 `configuration_pmoe`.
 """
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_pmoe import PMoEConfig
+from .configuration_pmoe import SUPPORTED_DENSE_ARCHITECTURES, PMoEConfig
 
 
 logger = logging.get_logger(__name__)
@@ -953,8 +954,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         if num_shallow_layers is not None:
             pmoe_options["num_shallow_layers"] = num_shallow_layers
         config = PMoEConfig.from_dense_config(dense.config, **pmoe_options)
-        expected_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[dense.config.model_type]
+        expected_class = SUPPORTED_DENSE_ARCHITECTURES[dense.config.model_type]
         if type(dense).__name__ != expected_class:
             raise ValueError(
                 f"from_dense expects a causal LM ({expected_class}), got {type(dense).__name__}."
@@ -971,7 +971,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             )
         model.to(dense.device)
         if getattr(dense, "generation_config", None) is not None and hasattr(model, "generation_config"):
-            model.generation_config = dense.generation_config.__class__.from_dict(dense.generation_config.to_dict())
+            model.generation_config = copy.deepcopy(dense.generation_config)
         return model
 
     @can_return_tuple

@@ -21,13 +21,15 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
 LETTERS = "abcdefghij"
 DIGITS = "0123456789"
-ALPHABET = LETTERS + DIGITS + " =+:" + "nrstvxcdop"  # instruction letters beyond a-j included
+# Letters of the instructions beyond a-j ("o" is unused but kept: the token ids, and so the cached demo base model and
+# the published demo / benchmark numbers, depend on this exact vocabulary).
+ALPHABET = LETTERS + DIGITS + " =+:" + "nrstvxcdop"
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character, plus <pad> (0), <s> (1), </s> (2), <unk> (3)."""
-    characters = sorted(set(ALPHABET + "cpy"))
+    characters = sorted(set(ALPHABET + "cpy"))  # + "y" of the corpus' `cpy`
     vocab = {token: index for index, token in enumerate(SPECIAL)}
     for character in characters:
         vocab.setdefault(character, len(vocab))
