@@ -13,6 +13,14 @@ Methods:
   pmoe-router-layer1    the router reads the first layer's output instead of the boundary
   pmoe-distill          + Lifelong-MoE distillation (alpha 0.5)
   pmoe-merge            + expert merging every 100 steps (svd)
+  pmoe-shallow-{0,1,3}  sweep: number of shallow layers (default 2 of 4; 0 = experts everywhere, router on embeddings)
+  pmoe-rank-{4,32}      sweep: expert rank (default 8)
+  pmoe-token            sweep: token-level routing with Gaussian keys (default: one gate per sequence)
+  pmoe-token-learned    sweep: token-level routing with learned keys (the PMoE paper's router)
+  pmoe-all-layers-rank-32   experts in every layer at rank 32
+  o-lora                O-LoRA (Wang et al. 2023): a new PEFT LoRA per task, orthogonal to the earlier tasks' LoRA
+                        subspaces (loss + 0.5 * sum ||A_old A_new^T||^2); earlier adapters frozen and summed (merged
+                        into the base, which is the same function)
   sequential-ft         full fine-tuning, task after task
   sequential-lora       one PEFT LoRA adapter (same rank, all 7 projections of every layer), task after task
   replay                full fine-tuning with a buffer of 200 examples of each earlier task mixed in
@@ -34,6 +42,7 @@ import sys
 import time
 
 import torch
+from transformers import Trainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from pmoe import PMoEContinualCallback, PMoEForCausalLM  # noqa: E402
@@ -43,15 +52,24 @@ from pmoe.tasks import task_splits  # noqa: E402
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ["pmoe", "pmoe-all-layers", "pmoe-router-layer1", "pmoe-distill", "pmoe-merge", "sequential-ft",
-           "sequential-lora", "replay", "multitask", "single-task-lora"]
 PMOE_OPTIONS = {
     "pmoe": {},
     "pmoe-all-layers": {"expert_layers": "all"},
     "pmoe-router-layer1": {"router_input_layer": 1},
     "pmoe-distill": {"distillation_alpha": 0.5},
     "pmoe-merge": {},
+    "pmoe-shallow-0": {"num_shallow_layers": 0},
+    "pmoe-shallow-1": {"num_shallow_layers": 1},
+    "pmoe-shallow-3": {"num_shallow_layers": 3},
+    "pmoe-rank-4": {"expert_rank": 4},
+    "pmoe-rank-32": {"expert_rank": 32},
+    "pmoe-token": {"routing": "token"},
+    "pmoe-token-learned": {"routing": "token", "router_keys": "learned"},
+    "pmoe-all-layers-rank-32": {"expert_layers": "all", "expert_rank": 32},
 }
+BASELINES = ["sequential-ft", "sequential-lora", "o-lora", "replay", "multitask", "single-task-lora"]
+METHODS = list(PMOE_OPTIONS) + BASELINES
+O_LORA_ORTHOGONALITY = 0.5  # lambda_1 of the O-LoRA paper
 
 
 def trainable(model):
@@ -64,6 +82,39 @@ def lora(model, rank):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
 
 
+class OrthogonalLoRATrainer(Trainer):
+    """O-LoRA's loss: the task loss plus lambda * sum over modules and earlier tasks of ||A_old A_new^T||_F^2."""
+
+    def __init__(self, *args, old_lora_a=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.old_lora_a = old_lora_a or {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        penalty = 0.0
+        for name, module in model.named_modules():
+            if name in self.old_lora_a:
+                new_a = module.lora_A["default"].weight
+                penalty = penalty + sum((old.to(new_a) @ new_a.T).pow(2).sum() for old in self.old_lora_a[name])
+        loss = loss + O_LORA_ORTHOGONALITY * penalty
+        return (loss, outputs) if return_outputs else loss
+
+
+def o_lora(base, tokenizer, data, tasks, args, seed, workdir, row_of):
+    model, old_lora_a, matrix, info = copy.deepcopy(base), {}, [], {"added_per_task": 0}
+    for task in tasks:
+        peft_model = lora(model, args.rank)
+        info["trainable_per_task"] = trainable(peft_model)
+        train_task(peft_model, data[task]["rows"], tokenizer, args.steps_per_task, args.expert_lr, workdir, seed=seed,
+                   trainer_class=OrthogonalLoRATrainer, trainer_kwargs={"old_lora_a": old_lora_a})
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                old_lora_a.setdefault(name, []).append(module.lora_A["default"].weight.detach().clone())
+        model = peft_model.merge_and_unload()  # frozen, summed: the earlier adapters become part of the base
+        matrix.append(row_of(model))
+    return matrix, info
+
+
 def run_method(method, base, tokenizer, data, args, seed, workdir):
     """Returns the accuracy matrix (rows: after each task) and the parameter counts."""
     tasks = DEMO_TASKS
@@ -72,8 +123,8 @@ def run_method(method, base, tokenizer, data, args, seed, workdir):
     matrix, info = [], {}
     torch.manual_seed(seed)
     if method.startswith("pmoe"):
-        model = PMoEForCausalLM.from_dense(copy.deepcopy(base), num_shallow_layers=2, expert_rank=rank,
-                                           **PMOE_OPTIONS[method])
+        options = {"expert_rank": rank, **PMOE_OPTIONS[method]}
+        model = PMoEForCausalLM.from_dense(copy.deepcopy(base), **options)
         callback = PMoEContinualCallback(tasks=tasks, merge_every_n_steps=100 if method == "pmoe-merge" else None)
         for task in tasks:
             train_task(model, data[task]["rows"], tokenizer, steps, args.expert_lr, workdir, [callback], seed)
@@ -96,6 +147,8 @@ def run_method(method, base, tokenizer, data, args, seed, workdir):
             train_task(model, data[task]["rows"], tokenizer, steps, args.expert_lr, workdir, seed=seed)
             matrix.append(row_of(model))
         info.update(trainable_per_task=trainable(model), added_per_task=trainable(model) // len(tasks))
+    elif method == "o-lora":
+        matrix, info = o_lora(base, tokenizer, data, tasks, args, seed, workdir, row_of)
     elif method == "multitask":
         model = copy.deepcopy(base)
         rows = [row for task in tasks for row in data[task]["rows"]]

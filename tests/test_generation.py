@@ -80,10 +80,12 @@ def test_converted_model_generates_like_its_dense_source():
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("source", ["pmoe", "qwen3"])
+@pytest.mark.parametrize("source", ["pmoe", "pmoe-all-layers", "qwen3"])
 def test_static_cache_generation_matches_dynamic_cache(source):
     if source == "pmoe":
         model = grown_model(2, router_top_k=1)
+    elif source == "pmoe-all-layers":  # the gate comes from an expert-free pre-pass that needs the 2D mask
+        model = grown_model(2, router_top_k=1, expert_layers="all")
     else:  # converted, with sliding-window layers
         model = PMoEForCausalLM.from_dense(make_dense("qwen3"), num_shallow_layers=1).eval()
         model.add_expert("a")

@@ -100,14 +100,15 @@ def evaluate(model, tokenizer, examples, with_routing=False):
     return score, routed.tolist()
 
 
-def train_task(model, rows, tokenizer, steps, learning_rate, output_dir, callbacks=(), seed=0):
+def train_task(model, rows, tokenizer, steps, learning_rate, output_dir, callbacks=(), seed=0, trainer_class=Trainer,
+               trainer_kwargs=None):
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=32, max_steps=steps, learning_rate=learning_rate,
         lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, steps // 10), logging_steps=max(1, steps // 3),
         save_strategy="no", report_to="none", use_cpu=True, seed=seed,
     )
-    Trainer(model, args, train_dataset=rows, data_collator=padding_collator(tokenizer),
-            callbacks=list(callbacks)).train()
+    trainer_class(model, args, train_dataset=rows, data_collator=padding_collator(tokenizer),
+                  callbacks=list(callbacks), **(trainer_kwargs or {})).train()
 
 
 def format_matrix(name, tasks, matrix, metrics):

@@ -763,13 +763,15 @@ class PMoEModel(PMoEPreTrainedModel):
         elif sequence_routing and config.expert_layers == "all":
             # Shallow experts: the gate comes from a first pass through the shallow block without experts, so it
             # never depends on the experts it selects. It writes no cache; the main pass below does.
-            if isinstance(attention_mask, dict):
+            # `generate` passes the prompt's 2D mask as `routing_mask` when it pre-builds 4D masks (static caches).
+            padding_mask = routing_mask if isinstance(attention_mask, dict) else attention_mask
+            if isinstance(attention_mask, dict) and routing_mask is None:
                 raise ValueError(
-                    "expert_layers='all' computes its gate from an expert-free shallow pass and needs the 2D attention "
-                    "mask; generate with the default dynamic cache."
+                    "expert_layers='all' computes its gate from an expert-free shallow pass, which needs the 2D "
+                    "attention mask: pass it as `routing_mask` when `attention_mask` is a dict of prebuilt masks."
                 )
             boundary = inputs_embeds
-            prepass_masks = self._causal_masks({**mask_kwargs, "past_key_values": None})
+            prepass_masks = self._causal_masks({**mask_kwargs, "attention_mask": padding_mask, "past_key_values": None})
             with torch.set_grad_enabled(torch.is_grad_enabled() and config.router_keys == "learned"):
                 for layer_idx in range(config.router_input_layer):
                     boundary = self.layers[layer_idx](
@@ -1070,6 +1072,21 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             routing_weights=outputs.routing_weights,
             distillation_loss=distillation_loss,
         )
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        # Sequence routing at prefill: keep the prompt's 2D mask for the router, since `generate` replaces
+        # `attention_mask` with prebuilt 4D masks for static caches (which would route padding too).
+        if (
+            self.config.routing == "sequence"
+            and kwargs.get("routing_weights") is None
+            and kwargs.get("routing_mask") is None
+            and isinstance(attention_mask, torch.Tensor)
+            and attention_mask.dim() == 2
+            and isinstance(model_inputs.get("attention_mask"), dict)
+        ):
+            model_inputs["routing_mask"] = attention_mask
+        return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(
