@@ -27,13 +27,14 @@ CHILD = textwrap.dedent(
 
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source, data_file = sys.argv[1], sys.argv[2]
     data = load_file(data_file)
     config = AutoConfig.from_pretrained(source, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).eval()
     base = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
+    classifier = AutoModelForSequenceClassification.from_pretrained(source, trust_remote_code=True, num_labels=3)
     with torch.no_grad():
         logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
         hidden = base(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).last_hidden_state
@@ -45,6 +46,9 @@ CHILD = textwrap.dedent(
         "config_class": type(config).__module__ + "." + type(config).__name__,
         "model_class": type(model).__module__ + "." + type(model).__name__,
         "base_class": type(base).__name__,
+        "classifier_class": type(classifier).__name__,
+        "classifier_logits_shape": list(classifier(input_ids=data["input_ids"],
+                                                   attention_mask=data["attention_mask"]).logits.shape),
         "num_experts": model.config.num_experts,
         "expert_tasks": model.config.expert_tasks,
         "expert_tensors": sum(1 for name, _ in model.named_parameters() if ".experts." in name),
@@ -96,6 +100,8 @@ def check(report, generated, expert_tensors):
     assert report["model_class"].endswith("modeling_pmoe.PMoEForCausalLM")
     assert report["config_class"].endswith("configuration_pmoe.PMoEConfig")
     assert report["base_class"] == "PMoEModel"
+    assert report["classifier_class"] == "PMoEForSequenceClassification"
+    assert report["classifier_logits_shape"] == [2, 3]
     assert report["num_experts"] == 2
     assert report["expert_tasks"] == ["sql", "chat"]
     assert report["expert_tensors"] == expert_tensors
@@ -115,6 +121,7 @@ def test_checkpoint_folder_layout(saved_checkpoint):
         "AutoConfig": "configuration_pmoe.PMoEConfig",
         "AutoModel": "modeling_pmoe.PMoEModel",
         "AutoModelForCausalLM": "modeling_pmoe.PMoEForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_pmoe.PMoEForSequenceClassification",
     }
     assert config["num_experts"] == 2 and config["expert_tasks"] == ["sql", "chat"]
 

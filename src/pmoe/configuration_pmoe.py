@@ -16,7 +16,7 @@ PMOE_FORMAT_VERSION = 1
 
 EXPERT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
-ROUTING_MODES = ("sequence", "token")
+ROUTING_MODES = ("sequence", "token", "expert_choice")
 ROUTER_KEY_TYPES = ("gaussian", "learned")
 EXPERT_LAYER_CHOICES = ("deep", "all")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -60,11 +60,20 @@ class PMoEConfig(PreTrainedConfig):
     - `expert_dropout` (`float`, defaults to 0.0): dropout on the expert input, as PEFT's `lora_dropout`.
     - `expert_target_modules` (list of `str`, defaults to all seven projections): which linears of the deep layers
       carry experts, among `q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`.
-    - `routing` (`"sequence"` or `"token"`, defaults to `"sequence"`): route once per sequence, from the mean boundary
-      feature of its prompt (training: the tokens whose label is -100, or every token when none is; generation: the
-      prefill, whose gate is reused at every decode step), or per token (the paper's setting). A prototype routed
-      about 100% of each task's sequences to its own expert at sequence level and 8-84% of its tokens at token level.
-    - `router_keys` (`"gaussian"` or `"learned"`, defaults to `"gaussian"`): what scores an expert. `"gaussian"`: a
+    - `routing` (`"sequence"`, `"token"` or `"expert_choice"`, defaults to `"sequence"`): route once per sequence, from
+      the mean boundary feature of its prompt (training: the tokens whose label is -100, or every token when none is;
+      generation: the prefill, whose gate is reused at every decode step), or per token (the paper's setting). A
+      prototype routed about 100% of each task's sequences to its own expert at sequence level and 8-84% of its tokens
+      at token level. `"expert_choice"` is pMoE's prioritized routing (Chowdhury et al. 2023; expert choice, Zhou et
+      al. 2022): every expert takes its `expert_capacity` highest-scoring non-padding tokens of each sequence and the
+      other tokens get no update from it. It looks at the whole sequence, so it is for `PMoEForSequenceClassification`;
+      `PMoEForCausalLM` refuses it.
+    - `expert_capacity` (`int` or `float`, *optional*): expert-choice routing only. An integer is the number of tokens
+      each expert takes per sequence; a float in (0, 1] is a fraction of the sequence's non-padding tokens (rounded
+      up). `None` takes `ceil(tokens / num_experts)`, capacity factor 1 as in Zhou et al. Never more than the
+      sequence's non-padding tokens.
+    - `router_keys` (`"gaussian"`, `"learned"` or `None`, defaults to `None`): what scores an expert; `None` picks
+      `"gaussian"`, or `"learned"` for expert-choice routing (pMoE trains its router). `"gaussian"`: a
       diagonal Gaussian of the routing feature per task, fitted from the features the task's training batches produce
       (no raw data kept, statistics saved with the model); the score is the log-likelihood and, with softmax, the gate
       is the posterior over tasks. While an expert is trained with Gaussian keys its own task's batches are routed to it
@@ -85,7 +94,7 @@ class PMoEConfig(PreTrainedConfig):
       While the model has fewer than `k` experts, all of them are used. Must not exceed `max_experts` when that is set.
     - `router_temperature` (`float`, defaults to 1.0): router logits are divided by it before the activation.
     - `router_per_layer` (`bool`, defaults to `False`): one router per deep layer, each reading the hidden state that
-      enters its layer, instead of one shared router at the boundary. Needs `routing="token"`.
+      enters its layer, instead of one shared router at the boundary. Needs token-level (or expert-choice) routing.
     - `router_input_layer` (`int`, *optional*, defaults to `num_shallow_layers`): the router reads the hidden state
       entering this layer. The default is the boundary (the deep features PMoE routes on); a smaller value is the
       ablation "router on shallow features" (0: the embeddings). Allowed: `0 <= router_input_layer <=
@@ -150,11 +159,12 @@ class PMoEConfig(PreTrainedConfig):
     expert_dropout: float = 0.0
     expert_target_modules: list[str] | None = None
     routing: str = "sequence"
-    router_keys: str = "gaussian"
+    router_keys: str | None = None
     router_activation: str | None = None
     router_variance_floor: float = 1e-3
     expert_layers: str = "deep"
     router_top_k: int | None = None
+    expert_capacity: int | float | None = None
     router_temperature: float = 1.0
     router_per_layer: bool = False
     router_input_layer: int | None = None
@@ -186,6 +196,8 @@ class PMoEConfig(PreTrainedConfig):
         if self.expert_train_steps is None:
             self.expert_train_steps = [0] * len(self.expert_tasks)
         self.expert_train_steps = list(self.expert_train_steps)
+        if self.router_keys is None:
+            self.router_keys = "learned" if self.routing == "expert_choice" else "gaussian"
         if self.router_activation is None:
             self.router_activation = "softmax" if self.router_keys == "gaussian" else "sigmoid"
         if self.layer_types is None:
@@ -271,9 +283,24 @@ class PMoEConfig(PreTrainedConfig):
             fail("router_keys", f"one of {list(ROUTER_KEY_TYPES)}", self.router_keys)
         if self.expert_layers not in EXPERT_LAYER_CHOICES:
             fail("expert_layers", f"one of {list(EXPERT_LAYER_CHOICES)}", self.expert_layers)
-        if self.router_per_layer and self.routing != "token":
-            fail("router_per_layer", "False unless routing='token' (a sequence gate comes from one boundary router)",
+        if self.router_per_layer and self.routing == "sequence":
+            fail("router_per_layer", "False with routing='sequence' (a sequence gate comes from one boundary router)",
                  self.router_per_layer)
+        if self.expert_capacity is not None:
+            if self.routing != "expert_choice":
+                fail("expert_capacity", "None unless routing='expert_choice'", self.expert_capacity)
+            capacity = self.expert_capacity
+            if isinstance(capacity, bool) or not (
+                (is_int(capacity) and capacity >= 1) or (isinstance(capacity, float) and 0 < capacity <= 1)
+            ):
+                fail("expert_capacity", "an integer >= 1 (tokens per expert) or a float in (0, 1] (a fraction of "
+                     "the sequence)", capacity)
+        if self.routing == "expert_choice" and self.router_top_k:
+            fail("router_top_k", "None with routing='expert_choice' (experts pick tokens; set expert_capacity)",
+                 self.router_top_k)
+        if self.routing == "expert_choice" and self.distillation_alpha:
+            fail("distillation_alpha", "0 with routing='expert_choice' (distillation is for causal LM training)",
+                 self.distillation_alpha)
         if self.expert_layers == "all" and self.routing != "sequence":
             fail("expert_layers", "'deep' unless routing='sequence' (shallow experts are gated by the sequence gate "
                  "of an expert-free shallow pass)", self.expert_layers)
@@ -364,7 +391,7 @@ class PMoEConfig(PreTrainedConfig):
         pmoe_fields = {
             "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
             "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
-            "expert_layers", "router_top_k", "router_temperature", "router_per_layer", "router_input_layer",
+            "expert_layers", "router_top_k", "expert_capacity", "router_temperature", "router_per_layer", "router_input_layer",
             "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights", "distillation_alpha",
         }
         unknown = sorted(set(pmoe_options) - pmoe_fields)

@@ -27,7 +27,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
@@ -236,7 +240,7 @@ class PMoERouter(nn.Module):
     def features(self, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None) -> torch.Tensor:
         # Routing in float32, so gates stay stable in bf16 runs too.
         features = F.rms_norm(hidden_states.float(), (self.hidden_size,), eps=self.eps)
-        if self.config.routing == "token":
+        if self.config.routing != "sequence":
             return features
         if routing_mask is None:
             return features.mean(dim=1, keepdim=True)
@@ -262,9 +266,15 @@ class PMoERouter(nn.Module):
             scores = scores.masked_fill(~fitted, float("-inf"))
         return scores / self.config.router_temperature
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, routing_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns `(logits, gates)`, both `[batch, seq or 1, num_experts]`, float32."""
         logits = self.logits(features)
+        if self.config.routing == "expert_choice":
+            return logits, expert_choice_route(
+                logits, self.config.router_activation, self.config.expert_capacity, routing_mask
+            )
         return logits, route(logits, self.config.router_activation, self.config.router_top_k)
 
     @torch.no_grad()
@@ -324,6 +334,35 @@ def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Ten
         # Renormalised over the kept experts (Mixtral-style); all -inf rows give NaN, which means "no expert".
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return torch.sigmoid(logits)
+
+
+def expert_choice_route(
+    logits: torch.Tensor, activation: str, capacity: int | float | None, token_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """pMoE's prioritized routing: every expert keeps its `capacity` best tokens of each sequence.
+
+    `logits` is `[B, T, E]`; each token's scores become probabilities over the experts (the activation), then every
+    expert ranks the sequence's non-padding tokens by its probability and keeps the top ones (ties: the earlier token).
+    A kept token's gate is its probability; every other gate is 0. Padding (`token_mask == 0`) is never kept.
+    """
+    batch, length, num_experts = logits.shape
+    probabilities = torch.softmax(logits, -1).nan_to_num(0.0) if activation == "softmax" else torch.sigmoid(logits)
+    valid = torch.ones(batch, length, dtype=torch.bool, device=logits.device) if token_mask is None else (
+        token_mask.to(logits.device).bool()
+    )
+    num_valid = valid.sum(dim=1)
+    if capacity is None:
+        per_sequence = torch.div(num_valid + num_experts - 1, num_experts, rounding_mode="floor")
+    elif isinstance(capacity, float):
+        per_sequence = torch.ceil(num_valid * capacity).long()
+    else:
+        per_sequence = torch.full_like(num_valid, capacity)
+    per_sequence = torch.minimum(per_sequence, num_valid)
+    scores = probabilities.detach().masked_fill(~valid[..., None], float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    rank = order.argsort(dim=1)  # rank of each token in each expert's ordering
+    keep = (rank < per_sequence[:, None, None]) & valid[..., None]
+    return probabilities * keep
 
 
 # ----------------------------------------------------------------------------------------------------- decoder
@@ -487,6 +526,8 @@ class PMoEPreTrainedModel(PreTrainedModel):
         "hidden_states": PMoEDecoderLayer,
         "attentions": PMoEAttention,
     }
+    # Heads that `add_expert` leaves trainable although they are base weights (as PEFT's `modules_to_save`).
+    _trainable_task_heads: tuple[str, ...] = ()
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -499,14 +540,15 @@ class PMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.usage)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # transformers records only the saved class in `auto_map`; list both heads so `AutoModel` and
-        # `AutoModelForCausalLM` both load the checkpoint as remote code.
+        # transformers records only the saved class in `auto_map`; list every head so any Auto class loads the
+        # checkpoint as remote code.
         if self._auto_class is not None:
             self.config.auto_map = {
                 **(getattr(self.config, "auto_map", None) or {}),
                 "AutoConfig": "configuration_pmoe.PMoEConfig",
                 "AutoModel": "modeling_pmoe.PMoEModel",
                 "AutoModelForCausalLM": "modeling_pmoe.PMoEForCausalLM",
+                "AutoModelForSequenceClassification": "modeling_pmoe.PMoEForSequenceClassification",
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -625,6 +667,8 @@ class PMoEPreTrainedModel(PreTrainedModel):
             self.freeze_experts(range(index))
         for param in self.base_parameters().values():
             param.requires_grad_(config.train_base_weights)
+        for name in self._trainable_task_heads:
+            getattr(self, name).requires_grad_(True)
         for param in new_params:
             param.requires_grad_(True)
         self.training_expert = index
@@ -644,6 +688,12 @@ class PMoEModelOutputWithPast(MoeModelOutputWithPast):
 class PMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     routing_weights: torch.FloatTensor | None = None
     distillation_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class PMoESequenceClassifierOutput(SequenceClassifierOutputWithPast):
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    routing_weights: torch.FloatTensor | None = None
 
 
 class PMoEModel(PMoEPreTrainedModel):
@@ -672,11 +722,11 @@ class PMoEModel(PMoEPreTrainedModel):
         if routing_mask is not None and routing_mask.shape[1] != hidden_states.shape[1]:
             routing_mask = routing_mask[:, -hidden_states.shape[1] :]  # a 2D mask over cached + current tokens
         features = router.features(hidden_states, routing_mask)
-        logits, gates = router(features)
+        logits, gates = router(features, routing_mask)
         forced = self._training_expert if self.training and self.config.router_keys == "gaussian" else None
         if self.training:
             rows = None
-            if self.config.routing == "token" and routing_mask is not None:
+            if self.config.routing != "sequence" and routing_mask is not None:
                 rows = routing_mask.bool()
             if forced is not None:
                 selected = features.reshape(-1, features.shape[-1])
@@ -859,6 +909,12 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: PMoEConfig):
+        if config.routing == "expert_choice":
+            raise ValueError(
+                "PMoEForCausalLM cannot use routing='expert_choice': each expert would pick its tokens from the whole "
+                "sequence, so a token's output would depend on later tokens, which a causal LM must not see. Use "
+                "routing='sequence' or 'token' here; expert choice is for PMoEForSequenceClassification."
+            )
         super().__init__(config)
         self.model = PMoEModel(config)
         self.vocab_size = config.vocab_size
@@ -1051,7 +1107,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         aux_loss = None
         # Load balancing trains router keys; Gaussian keys are fitted, not trained, so there is nothing to balance.
         if output_router_logits and outputs.router_logits and self.config.router_keys == "learned":
-            token_mask = attention_mask if self.config.routing == "token" and isinstance(attention_mask, torch.Tensor) else None
+            token_mask = attention_mask if self.config.routing != "sequence" and isinstance(attention_mask, torch.Tensor) else None
             aux_loss = load_balancing_loss_func(
                 outputs.router_logits,
                 self.config.num_experts,
@@ -1096,6 +1152,86 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         if getattr(outputs, "routing_weights", None) is not None:
             model_kwargs["routing_weights"] = outputs.routing_weights
         return model_kwargs
+
+
+class PMoEForSequenceClassification(PMoEPreTrainedModel):
+    """PMoE with a classification head on the last non-padding token (as `LlamaForSequenceClassification`).
+
+    Every routing mode works; `routing="expert_choice"` (pMoE's prioritized routing) is only available here.
+    `add_expert` leaves the head (`score`) trainable, as PEFT does for sequence classification: a new head has to
+    learn. The head is shared by all tasks, so training it moves earlier tasks' scores; freeze it
+    (`model.score.requires_grad_(False)`) when earlier tasks must stay bit-identical.
+    """
+
+    _trainable_task_heads = ("score",)
+
+    def __init__(self, config: PMoEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PMoEModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        routing_weights: torch.Tensor | None = None,
+        routing_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> PMoESequenceClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices (cross-entropy), or floats when `config.num_labels == 1` (regression) or
+            `config.problem_type == "multi_label_classification"`.
+        routing_weights / routing_mask: as in `PMoEForCausalLM.forward` (sequence routing). For token and
+            expert-choice routing, padding is read from the 2D `attention_mask` and never routed.
+        """
+        outputs: PMoEModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_router_logits=output_router_logits,
+            routing_weights=routing_weights,
+            routing_mask=routing_mask,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size = logits.shape[0]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            # Rightmost attended token: works for left and right padding.
+            positions = torch.arange(attention_mask.shape[-1], device=logits.device)
+            last_token = (positions * attention_mask.to(logits.device).bool()).argmax(-1)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            positions = torch.arange(input_ids.shape[-1], device=logits.device)
+            last_token = (positions * (input_ids != self.config.pad_token_id).to(logits.device)).argmax(-1)
+        elif batch_size == 1:
+            last_token = torch.tensor([logits.shape[1] - 1], device=logits.device)
+        else:
+            raise ValueError(
+                "Cannot find each sequence's last token in a batch of several: pass a 2D attention_mask, or input_ids "
+                "with config.pad_token_id set."
+            )
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_token]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        return PMoESequenceClassifierOutput(
+            loss=loss,
+            logits=pooled_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            routing_weights=outputs.routing_weights,
+        )
 
 
 def best_low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
