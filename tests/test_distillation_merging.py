@@ -48,8 +48,12 @@ def test_distillation_adds_alpha_times_kl_to_the_old_model():
     assert old_gates[:, 0].min() > 0.99  # the old model really routes to the old expert
 
 
-def test_old_model_pass_reuses_the_shallow_block_and_needs_no_copy():
-    model = grown(2, distillation_alpha=1.0)
+@pytest.mark.parametrize("expert_layers, expected", [
+    ("deep", {0: 1, 1: 1, 2: 2, 3: 2}),  # shallow layers once, expert layers twice
+    ("all", {0: 3, 1: 3, 2: 2, 3: 2}),  # + the expert-free pre-pass for the gate; every layer is an expert layer
+])
+def test_old_model_pass_reuses_the_shallow_block_and_needs_no_copy(expert_layers, expected):
+    model = grown(2, distillation_alpha=1.0, expert_layers=expert_layers)
     calls = {index: 0 for index in range(4)}
     for index, layer in enumerate(model.model.layers):
         layer.register_forward_hook(lambda module, args, output, index=index: calls.__setitem__(index, calls[index] + 1))
@@ -57,7 +61,7 @@ def test_old_model_pass_reuses_the_shallow_block_and_needs_no_copy():
     model.train()
     input_ids, labels = task_batch(1)
     out = model(input_ids=input_ids, labels=labels)
-    assert calls == {0: 1, 1: 1, 2: 2, 3: 2}  # shallow layers once, expert layers twice
+    assert calls == expected
     assert sum(p.numel() for p in model.parameters()) == parameters_before
     out.loss.backward()
     trainable = {name for name, p in model.named_parameters() if p.grad is not None}

@@ -47,7 +47,7 @@ def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, rou
     config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)
     model = PMoEForCausalLM._from_config(config)
     expert_keys = {k for k in model.state_dict() if ".experts." in k}
-    assert len(expert_keys) == 2 * (2 * 7 * 2 + router_tensors)
+    assert len(expert_keys) == 2 * (4 * 7 * 2 + router_tensors)  # experts in all 4 layers (the default)
     state = {k: v for k, v in model.state_dict().items() if k not in expert_keys}
     model.save_pretrained(tmp_path, state_dict=state)
     loaded, info = PMoEForCausalLM.from_pretrained(tmp_path, output_loading_info=True)

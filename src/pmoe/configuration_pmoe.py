@@ -85,10 +85,13 @@ class PMoEConfig(PreTrainedConfig):
       mass, so old outputs move when it is added. A new Gaussian key scores `-inf` until it is fitted, so growth is exact.
     - `router_variance_floor` (`float`, defaults to 1e-3): added to every Gaussian key's variance (features are
       RMS-normalised, so about 1e-3 of a feature's scale), so a key fitted on few sequences is not infinitely sharp.
-    - `expert_layers` (`"deep"` or `"all"`, defaults to `"deep"`): the asymmetric layout puts experts in the deep
-      layers only. `"all"` also puts them in the shallow layers, gated by the sequence gate computed from a first pass
-      through the shallow block without experts (one extra shallow forward at prefill, none per decode step), for tasks
-      that need new low-level patterns. Needs `routing="sequence"`.
+    - `expert_layers` (`"all"`, `"deep"` or `None`, defaults to `None`: `"all"` with sequence routing, `"deep"`
+      otherwise): `"deep"` is the paper's asymmetric layout, experts in the deep layers only. `"all"` also puts them in
+      the shallow layers, gated by the sequence gate computed from a first pass through the shallow block without
+      experts (one extra shallow forward at prefill, none per decode step); the shallow base weights stay frozen and
+      the gate still comes from the boundary features. It is the default because deep-only experts learned far less on
+      the quality benchmark (`benchmarks/continual.py`: LA 16% against 44% on the built-in tasks, both with BWT 0);
+      choose `"deep"` for the cheaper prefill. Needs `routing="sequence"`.
     - `router_top_k` (`int`, *optional*): `None` or `0` means dense gating (every expert, gate from the activation).
       `k > 0` keeps the `k` highest-scoring experts per sequence (or token) (softmax renormalised over them) and zeroes the rest.
       While the model has fewer than `k` experts, all of them are used. Must not exceed `max_experts` when that is set.
@@ -113,6 +116,12 @@ class PMoEConfig(PreTrainedConfig):
       `alpha * KL(old || new)` on the trained positions, where "old" is this model with the expert being trained masked
       out of routing, computed without gradients and without a copy of the model (the expert layers run twice). Off by
       default until the benchmark shows it helps. Needs `router_per_layer=False`.
+    - `base_model_name_or_path` (`str`, *optional*) and `dense_model_type` (`str`, *optional*): the dense model
+      `from_dense` converted (the model card's `base_model`) and its `model_type` (`"llama"`, `"qwen3"`, ...).
+    - `accuracy_matrix` (list of lists of `float`, *optional*) and `accuracy_metric` (`str`, *optional*): the
+      continual-learning record, one row per `model.record_task_scores(...)` (the Trainer callback's `evaluate_fn`):
+      row i holds the score on every task known then, measured after training task i. The model card shows it with
+      LA / OP / BWT.
     - `pmoe_format_version` (`int`): checkpoint layout version, checked on load.
     """
 
@@ -162,7 +171,7 @@ class PMoEConfig(PreTrainedConfig):
     router_keys: str | None = None
     router_activation: str | None = None
     router_variance_floor: float = 1e-3
-    expert_layers: str = "deep"
+    expert_layers: str | None = None
     router_top_k: int | None = None
     expert_capacity: int | float | None = None
     router_temperature: float = 1.0
@@ -176,6 +185,10 @@ class PMoEConfig(PreTrainedConfig):
     max_experts: int | None = None
     train_base_weights: bool = False
     distillation_alpha: float = 0.0
+    base_model_name_or_path: str | None = None
+    dense_model_type: str | None = None
+    accuracy_matrix: list[list[float | None]] | None = None
+    accuracy_metric: str | None = None
     pmoe_format_version: int = PMOE_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
@@ -196,6 +209,8 @@ class PMoEConfig(PreTrainedConfig):
         if self.expert_train_steps is None:
             self.expert_train_steps = [0] * len(self.expert_tasks)
         self.expert_train_steps = list(self.expert_train_steps)
+        if self.expert_layers is None:
+            self.expert_layers = "all" if self.routing == "sequence" else "deep"
         if self.router_keys is None:
             self.router_keys = "learned" if self.routing == "expert_choice" else "gaussian"
         if self.router_activation is None:

@@ -1,5 +1,8 @@
 """Continual-learning metrics from an accuracy matrix, and the per-task metrics the examples use.
 
+The `evaluate` modules shipped in `pmoe/evaluate_modules` (see `pmoe.evaluate_module_path`) wrap these functions, so
+the math lives here only.
+
 `matrix[i][j]` is the score on task `j` after training tasks `0..i` (the full square: later tasks are measured too,
 which forward transfer needs); `baseline[j]` is the score on task `j` before any training.
 
@@ -26,6 +29,11 @@ def _check_square(matrix):
             f"of lengths {[len(row) for row in matrix]}."
         )
     return size
+
+
+def _check_pairs(predictions, references):
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
 
 
 def continual_metrics(matrix: list[list[float]], baseline: list[float] | None = None) -> dict:
@@ -55,12 +63,62 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(predictions: list[str], references: list[str], normalize: bool = True) -> float:
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
+    """Fraction of predictions equal to their reference after `normalize_answer` (or, with `normalize=False`, after
+    stripping surrounding white space only); 0.0 for no predictions."""
+    _check_pairs(predictions, references)
     if not predictions:
         return 0.0
     clean = normalize_answer if normalize else (lambda text: text.strip())
     return sum(clean(p) == clean(r) for p, r in zip(predictions, references)) / len(predictions)
 
 
-__all__ = ["continual_metrics", "exact_match", "normalize_answer"]
+def accuracy(predictions: list, references: list, normalize: bool = True, sample_weight: list[float] | None = None):
+    """Fraction (or, with `normalize=False`, the weighted count) of predictions equal to their reference, as
+    `sklearn.metrics.accuracy_score` on labels; 0.0 for no predictions."""
+    _check_pairs(predictions, references)
+    weights = [1.0] * len(predictions) if sample_weight is None else [float(weight) for weight in sample_weight]
+    if len(weights) != len(predictions):
+        raise ValueError(f"{len(weights)} sample weights for {len(predictions)} predictions.")
+    correct = sum(weight for p, r, weight in zip(predictions, references, weights) if p == r)
+    if not normalize:
+        return correct
+    total = sum(weights)
+    return correct / total if total else 0.0
+
+
+def _lcs_length(first: list[str], second: list[str]) -> int:
+    """Length of the longest common subsequence, by dynamic programming over one row (O(len(first) * len(second)))."""
+    if len(second) > len(first):
+        first, second = second, first
+    previous = [0] * (len(second) + 1)
+    for token in first:
+        current = [0]
+        for index, other in enumerate(second):
+            current.append(previous[index] + 1 if token == other else max(previous[index + 1], current[index]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(predictions: list[str], references: list[str], normalize: bool = False) -> float:
+    """Mean ROUGE-L F1 (Lin, 2004) over prediction/reference pairs, on white-space tokens.
+
+    Per pair, with `lcs` the length of the longest common token subsequence: precision `lcs / len(prediction)`,
+    recall `lcs / len(reference)`, F1 their harmonic mean; 0.0 when either side has no tokens (as `rouge_score`).
+    Tokens are compared as they are (case-sensitive) unless `normalize=True`, which first applies
+    `normalize_answer` (lower case, no punctuation, no articles). No stemming. 0.0 for no pairs.
+    """
+    _check_pairs(predictions, references)
+    if not predictions:
+        return 0.0
+    clean = normalize_answer if normalize else (lambda text: text)
+    total = 0.0
+    for prediction, reference in zip(predictions, references):
+        predicted, target = clean(prediction).split(), clean(reference).split()
+        common = _lcs_length(predicted, target) if predicted and target else 0
+        if common:
+            precision, recall = common / len(predicted), common / len(target)
+            total += 2 * precision * recall / (precision + recall)
+    return total / len(predictions)
+
+
+__all__ = ["accuracy", "continual_metrics", "exact_match", "normalize_answer", "rouge_l"]

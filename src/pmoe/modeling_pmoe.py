@@ -14,6 +14,7 @@ This file is shipped inside every checkpoint as remote code: it imports only tor
 import copy
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 
@@ -552,6 +553,102 @@ class PMoEPreTrainedModel(PreTrainedModel):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB", tags: list[str] | None = None,
+                    license: str | None = None, model_card=None) -> str:
+        """`PreTrainedModel.push_to_hub` with a PMoE model card (`self.model_card(...)`, or `model_card` if given)
+        instead of transformers' generic one. The card is regenerated on every push, so its expert table and results
+        follow the model. Returns the commit info of the upload."""
+        from transformers.utils.hub import hf_api
+
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        card = model_card if model_card is not None else self.model_card(repo_id, tags=tags, license=license)
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, max_shard_size=max_shard_size)
+            card.save(os.path.join(work_dir, "README.md"))
+            return self._upload_modified_files(
+                work_dir, repo_id, files_timestamps={}, commit_message=commit_message or "Upload PMoE model",
+                token=token, create_pr=create_pr, revision=revision, commit_description=commit_description,
+            )
+
+    def model_card(self, repo_id: str | None = None, tags: list[str] | None = None, license: str | None = None):
+        """A Hub model card (`huggingface_hub.ModelCard`): metadata (base model, library, tags, license), the layout,
+        the expert table (task, index, parameters, training steps), the recorded accuracy matrix with LA / OP / BWT,
+        and how to load the model without a task id."""
+        from transformers.utils.hub import ModelCard, ModelCardData
+
+        config = self.config
+        card_data = ModelCardData(
+            library_name="transformers",
+            base_model=config.base_model_name_or_path or None,
+            license=license,
+            tags=list(dict.fromkeys([*(tags or []), "pmoe", "continual-learning", "mixture-of-experts", "lora",
+                                     "custom_code"])),
+            pipeline_tag="text-generation" if isinstance(self, GenerationMixin) else None,
+        )
+        name = repo_id or config.base_model_name_or_path or "PMoE model"
+        deep = f"layers {config.num_shallow_layers}-{config.num_hidden_layers - 1}"
+        placement = "every layer" if config.expert_layers == "all" else f"the deep block ({deep})"
+        lines = [
+            f"# {name}", "",
+            f"A PMoE model (progressive mixture of LoRA experts, made with [pmoe](https://github.com/pmoe/pmoe)) "
+            f"{'converted from `' + config.base_model_name_or_path + '`' if config.base_model_name_or_path else ''}"
+            f": {config.num_hidden_layers} layers, the first {config.num_shallow_layers} shallow; one LoRA expert "
+            f"(rank {config.expert_rank}, alpha {config.expert_alpha:g}) per task on {', '.join(config.expert_target_modules)} "
+            f"of {placement}. A router ({config.routing} routing, {config.router_keys} keys) picks the experts from "
+            "the model's own features, so no task id is needed at inference.", "",
+            "## Experts", "",
+            "| expert | task | parameters | training steps |", "|---|---|---|---|",
+        ]
+        for index, task in enumerate(config.expert_tasks):
+            parameters = sum(param.numel() for param in self.expert_parameters(index).values())
+            lines.append(f"| {index} | {task} | {parameters:,} | {config.expert_train_steps[index]:,} |")
+        if not config.expert_tasks:
+            lines.append("| - | (no experts yet) | 0 | 0 |")
+        matrix = config.accuracy_matrix or []
+        if matrix:
+            tasks = config.expert_tasks[: max(len(row) for row in matrix)]
+            cell = lambda value: "-" if value is None else f"{100 * value:.1f}"  # noqa: E731
+            lines += ["", f"## Continual-learning results ({config.accuracy_metric or 'score'}, %)", "",
+                      "Row i: every task's score measured after training task i.", "",
+                      "| trained up to | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+            for i, row in enumerate(matrix):
+                padded = list(row) + [None] * (len(tasks) - len(row))
+                label = tasks[i] if i < len(tasks) else str(i)
+                lines.append(f"| {label} | " + " | ".join(cell(value) for value in padded) + " |")
+            summary = continual_summary(matrix)
+            if summary:
+                lines += ["", " · ".join(f"{key} {100 * value:+.1f}" if key == "BWT" else f"{key} {100 * value:.1f}"
+                                         for key, value in summary.items())]
+        lines += [
+            "", "## Usage", "",
+            "The modeling code ships with the checkpoint; `pmoe` need not be installed:", "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "path/to/checkpoint"}", trust_remote_code=True)',
+            "```", "",
+            "To keep training it on new tasks (one new expert per task, earlier ones frozen), `pip install pmoe` and "
+            "use `pmoe.PMoEContinualCallback` with the `Trainer`.",
+        ]
+        return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+    def record_task_scores(self, scores: dict[str, float], metric: str = "accuracy"):
+        """Append one row to the continual-learning record (`config.accuracy_matrix`): the score on each task so far,
+        measured after training the latest one (tasks missing from `scores` are left empty). The model card shows it."""
+        config = self.config
+        unknown = sorted(set(scores) - set(config.expert_tasks))
+        if unknown:
+            raise ValueError(f"record_task_scores: unknown task(s) {unknown}; the model's tasks are {config.expert_tasks}.")
+        if config.accuracy_metric not in (None, metric):
+            raise ValueError(
+                f"record_task_scores: the record holds {config.accuracy_metric!r} scores; got {metric!r}."
+            )
+        row = [None if scores.get(task) is None else float(scores[task]) for task in config.expert_tasks]
+        config.accuracy_matrix = [*(config.accuracy_matrix or []), row]
+        config.accuracy_metric = metric
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # Trainer's resume loads checkpoints with strict=False, which would silently drop the tensors of experts this
         # model does not have: refuse instead, and say how to get the right model.
@@ -1027,6 +1124,10 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
                 f"Converting {type(dense).__name__} to PMoE: weights do not line up (missing {missing}, "
                 f"unexpected {unexpected})."
             )
+        model.config.dense_model_type = dense.config.model_type
+        model.config.base_model_name_or_path = (
+            str(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else dense.config._name_or_path or None
+        )
         model.to(dense.device)
         if getattr(dense, "generation_config", None) is not None and hasattr(model, "generation_config"):
             model.generation_config = copy.deepcopy(dense.generation_config)
@@ -1232,6 +1333,20 @@ class PMoEForSequenceClassification(PMoEPreTrainedModel):
             router_logits=outputs.router_logits,
             routing_weights=outputs.routing_weights,
         )
+
+
+def continual_summary(matrix: list[list[float | None]]) -> dict[str, float]:
+    """LA (mean diagonal), OP (mean last row) and BWT of a lower-triangular accuracy record (rows may be partial);
+    empty when the diagonal or the last row is incomplete."""
+    size = len(matrix)
+    diagonal = [matrix[i][i] if i < len(matrix[i]) else None for i in range(size)]
+    last = matrix[-1][:size]
+    if any(value is None for value in diagonal) or len(last) < size or any(value is None for value in last):
+        return {}
+    summary = {"LA": sum(diagonal) / size, "OP": sum(last) / size}
+    if size > 1:
+        summary["BWT"] = sum(last[j] - diagonal[j] for j in range(size - 1)) / (size - 1)
+    return summary
 
 
 def best_low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,11 +113,16 @@ class PMoEContinualCallback(TrainerCallback):
             least used other one (`model.merge_experts`, Park 2024), among the experts not being trained; skipped while
             there are fewer than 3 of those.
         merge_method (`"svd"` or `"average"`, defaults to `"svd"`).
+        evaluate_fn (`Callable[[model, list[str]], dict[str, float]]`, *optional*): called at the end of every task
+            with the model and its task names so far; the scores it returns become one row of the model's
+            continual-learning record (`model.record_task_scores`, saved in the config, shown in the model card).
+        metric_name (`str`, defaults to `"accuracy"`): what `evaluate_fn` measures (the record's label).
     """
 
     def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
                  log_router: bool = True, distillation_alpha: float | None = None,
-                 merge_every_n_steps: int | None = None, merge_method: str = "svd"):
+                 merge_every_n_steps: int | None = None, merge_method: str = "svd", evaluate_fn=None,
+                 metric_name: str = "accuracy"):
         if tasks is not None and task_schedule is not None:
             raise ValueError("Pass either `tasks` (one Trainer per task) or `task_schedule` (one run), not both.")
         if tasks is not None:
@@ -144,6 +149,10 @@ class PMoEContinualCallback(TrainerCallback):
             raise ValueError(f"merge_every_n_steps must be None or an integer >= 1, got {merge_every_n_steps!r}.")
         if merge_method not in ("svd", "average"):
             raise ValueError(f"merge_method must be 'svd' or 'average', got {merge_method!r}.")
+        if evaluate_fn is not None and not callable(evaluate_fn):
+            raise ValueError(f"evaluate_fn must be callable (model, task_names) -> {{task: score}}, got {evaluate_fn!r}.")
+        self.evaluate_fn = evaluate_fn
+        self.metric_name = metric_name
         self.tasks = tasks
         self.task_schedule = task_schedule
         self.distillation_alpha = distillation_alpha
@@ -314,9 +323,23 @@ class PMoEContinualCallback(TrainerCallback):
         if next_position is None:
             return
         self._sync_gaussian_statistics(pmoe_model)
+        self._record_scores(pmoe_model)
         task = self.task_schedule[next_position][0]
         index = self.start_task(pmoe_model, task)
         self._add_to_optimizer(pmoe_model, index, optimizer, kwargs.get("lr_scheduler"))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._record_scores(unwrap_pmoe(model))
+
+    def _record_scores(self, pmoe_model):
+        """One row of the continual-learning record: `evaluate_fn`'s scores on every task so far."""
+        if self.evaluate_fn is None:
+            return
+        was_training = pmoe_model.training
+        scores = self.evaluate_fn(pmoe_model, list(pmoe_model.config.expert_tasks))
+        pmoe_model.train(was_training)
+        pmoe_model.record_task_scores(scores, self.metric_name)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not self.log_router or logs is None or model is None:
