@@ -7,27 +7,31 @@ answers on each task's test split, no task id) after every task. Reported per me
 LA (learning accuracy, the diagonal), OP (overall performance, the last row), BWT, FWT, trainable parameters per
 task, parameters added per task, wall time.
 
-Methods:
-  pmoe                  library defaults (deep experts, sequence routing, Gaussian keys)
-  pmoe-all-layers       experts in every layer (the symmetric ablation, and the plasticity option)
+Methods (`--suite main`, the default):
+  pmoe                  library defaults (experts in every layer gated from the boundary features, sequence
+                        routing, Gaussian keys)
+  pmoe-deep-only        experts in the deep layers only: the PMoE paper's asymmetric layout (`expert_layers="deep"`)
   pmoe-router-layer1    the router reads the first layer's output instead of the boundary
   pmoe-distill          + Lifelong-MoE distillation (alpha 0.5)
   pmoe-merge            + expert merging every 100 steps (svd)
-  pmoe-shallow-{0,1,3}  sweep: number of shallow layers (default 2 of 4; 0 = experts everywhere, router on embeddings)
-  pmoe-rank-{4,32}      sweep: expert rank (default 8)
-  pmoe-token            sweep: token-level routing with Gaussian keys (default: one gate per sequence)
-  pmoe-token-learned    sweep: token-level routing with learned keys (the PMoE paper's router)
-  pmoe-all-layers-rank-32   experts in every layer at rank 32
+  sequential-ft         full fine-tuning, task after task
+  sequential-lora       one PEFT LoRA adapter (same rank, all 7 projections of every layer), task after task
   o-lora                O-LoRA (Wang et al. 2023): a new PEFT LoRA per task, orthogonal to the earlier tasks' LoRA
                         subspaces (loss + 0.5 * sum ||A_old A_new^T||^2); earlier adapters frozen and summed (merged
                         into the base, which is the same function)
-  sequential-ft         full fine-tuning, task after task
-  sequential-lora       one PEFT LoRA adapter (same rank, all 7 projections of every layer), task after task
   replay                full fine-tuning with a buffer of 200 examples of each earlier task mixed in
   multitask             full fine-tuning on all tasks at once, same total steps (upper bound; OP only)
   single-task-lora      a fresh PEFT LoRA adapter per task from the base (the reference for LA)
 
-    python benchmarks/continual.py                          # all methods, 3 seeds
+Plasticity sweeps (`--suite sweeps`; "deep-*" keep the asymmetric layout and change one knob):
+  deep-shallow-{0,1,3}  number of shallow layers (2 of 4 otherwise; 0 = experts everywhere, router on embeddings)
+  deep-rank-{4,32}      expert rank (8 otherwise)
+  deep-token            token-level routing with Gaussian keys (one gate per sequence otherwise)
+  deep-token-learned    token-level routing with learned keys (the PMoE paper's router)
+  pmoe-rank-32          the default layout at rank 32
+
+    python benchmarks/continual.py                          # the main table, 3 seeds
+    python benchmarks/continual.py --suite sweeps           # the plasticity sweeps, 3 seeds
     python benchmarks/continual.py --methods pmoe sequential-ft --seeds 0
     python benchmarks/continual.py --quick                  # seconds: keeps the script working (tests)
 """
@@ -54,20 +58,25 @@ from pmoe.tasks import task_splits  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PMOE_OPTIONS = {
     "pmoe": {},
-    "pmoe-all-layers": {"expert_layers": "all"},
+    "pmoe-deep-only": {"expert_layers": "deep"},
     "pmoe-router-layer1": {"router_input_layer": 1},
     "pmoe-distill": {"distillation_alpha": 0.5},
     "pmoe-merge": {},
-    "pmoe-shallow-0": {"num_shallow_layers": 0},
-    "pmoe-shallow-1": {"num_shallow_layers": 1},
-    "pmoe-shallow-3": {"num_shallow_layers": 3},
-    "pmoe-rank-4": {"expert_rank": 4},
+    "deep-shallow-0": {"expert_layers": "deep", "num_shallow_layers": 0},
+    "deep-shallow-1": {"expert_layers": "deep", "num_shallow_layers": 1},
+    "deep-shallow-3": {"expert_layers": "deep", "num_shallow_layers": 3},
+    "deep-rank-4": {"expert_layers": "deep", "expert_rank": 4},
+    "deep-rank-32": {"expert_layers": "deep", "expert_rank": 32},
+    "deep-token": {"expert_layers": "deep", "routing": "token"},
+    "deep-token-learned": {"expert_layers": "deep", "routing": "token", "router_keys": "learned"},
     "pmoe-rank-32": {"expert_rank": 32},
-    "pmoe-token": {"routing": "token"},
-    "pmoe-token-learned": {"routing": "token", "router_keys": "learned"},
-    "pmoe-all-layers-rank-32": {"expert_layers": "all", "expert_rank": 32},
 }
 BASELINES = ["sequential-ft", "sequential-lora", "o-lora", "replay", "multitask", "single-task-lora"]
+SUITES = {
+    "main": ["pmoe", "pmoe-deep-only", "pmoe-router-layer1", "pmoe-distill", "pmoe-merge", *BASELINES],
+    "sweeps": ["deep-shallow-0", "deep-shallow-1", "deep-shallow-3", "deep-rank-4",
+               "deep-rank-32", "deep-token", "deep-token-learned", "pmoe-rank-32"],  # read beside the main table
+}
 METHODS = list(PMOE_OPTIONS) + BASELINES
 O_LORA_ORTHOGONALITY = 0.5  # lambda_1 of the O-LoRA paper
 
@@ -235,7 +244,8 @@ def save_figure(path, summary):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="main", help="which table (default: main)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="instead of a suite's methods")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps-per-task", type=int, default=300)
     parser.add_argument("--rank", type=int, default=8)
@@ -248,6 +258,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a few steps and examples, to keep the script working")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    if args.methods is None:
+        args.methods = SUITES[args.suite]
+    name = "continual" if args.suite == "main" else f"continual-{args.suite}"
     if args.quick:
         args.steps_per_task, args.train_examples, args.test_examples, args.pretrain_steps = 2, 64, 8, 3
         args.seeds = args.seeds[:1]
@@ -270,19 +283,19 @@ def main():
                    "metrics": continual_metrics(matrix, baseline), **info}
             runs[method].append(run)
             os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, "continual-partial.json"), "w") as handle:
+            with open(os.path.join(args.output_dir, f"{name}-partial.json"), "w") as handle:
                 json.dump({"args": vars(args), "runs": runs}, handle)  # survives an interrupted run
             print(f"seed {seed} {method}: LA {run['metrics']['LA']:.3f} OP {run['metrics']['OP']:.3f} "
                   f"BWT {run['metrics']['BWT']:+.3f} ({run['seconds']:.0f}s)", flush=True)
     summary = {method: summarize(method_runs) for method, method_runs in runs.items()}
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "continual-quick" if args.quick else "continual")
+    stem = os.path.join(args.output_dir, f"{name}-quick" if args.quick else name)
     with open(stem + ".json", "w") as handle:
         json.dump({"args": vars(args), "tasks": DEMO_TASKS, "summary": summary, "runs": runs}, handle, indent=2)
     with open(stem + ".md", "w") as handle:
         handle.write(markdown(summary, args))
     save_figure(stem + ".png", summary)
-    os.remove(os.path.join(args.output_dir, "continual-partial.json"))
+    os.remove(os.path.join(args.output_dir, f"{name}-partial.json"))
     print(markdown(summary, args))
 
 

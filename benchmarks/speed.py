@@ -14,6 +14,7 @@ Timings are medians over repeats after warm-up. Ratios are against the peer meas
 `benchmarks/results/speed{,-quick}.json` and `.md`.
 
     python benchmarks/speed.py           # hidden 1024, intermediate 2816, 8 layers (4 shallow), rank 8, 512 tokens
+    python benchmarks/speed.py --expert-layers deep   # the asymmetric layout (results in speed-deep.*)
     python benchmarks/speed.py --quick   # tiny shapes, seconds: keeps the script working (run by the test suite)
 """
 
@@ -69,7 +70,8 @@ def peak_memory_of(case: str, args) -> int | None:
     allocator's cache from other cases does not hide it (CPU: peak resident set; CUDA: peak allocated)."""
     if args.no_memory:
         return None
-    command = [sys.executable, __file__, "--memory-case", case, "--device", args.device]
+    command = [sys.executable, __file__, "--memory-case", case, "--device", args.device,
+               "--expert-layers", args.expert_layers]
     if args.quick:
         command.append("--quick")
     if args.dtype:
@@ -109,7 +111,7 @@ def make_pmoe(llama, shape, num_experts, top_k):
     """PMoE from the same weights, `num_experts` trained-looking experts with identical Gaussian keys (so dense gating
     uses every expert with equal gates, and top-k uses exactly k)."""
     model = pmoe.PMoEForCausalLM.from_dense(llama, num_shallow_layers=shape["shallow"], expert_rank=shape["rank"],
-                                            router_top_k=top_k).eval()
+                                            router_top_k=top_k, expert_layers=shape["expert_layers"]).eval()
     generator = torch.Generator().manual_seed(1)
     for index in range(num_experts):
         model.add_expert(f"task-{index}")
@@ -227,10 +229,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory measurements")
+    parser.add_argument("--expert-layers", choices=["all", "deep"], default="all",
+                        help="PMoE layout: experts in every layer (the default) or in the deep layers only")
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    shape = dict(QUICK if args.quick else FULL)
+    shape = dict(QUICK if args.quick else FULL, expert_layers=args.expert_layers)
     args.repeats = args.repeats or shape["repeats"]
     args.warmup = shape["warmup"] if args.warmup is None else args.warmup
     device = torch.device(args.device)
@@ -291,7 +295,8 @@ def main():
                            "base_parameters": sum(p.numel() for p in llama.parameters())}
 
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "speed-quick" if args.quick else "speed")
+    stem = os.path.join(args.output_dir, ("speed" if args.expert_layers == "all" else "speed-deep")
+                        + ("-quick" if args.quick else ""))
     with open(stem + ".json", "w") as handle:
         json.dump(results, handle, indent=2)
     with open(stem + ".md", "w") as handle:
@@ -308,7 +313,7 @@ def markdown(results) -> str:
     shape = results["shape"]
     lines = [
         f"Shape: hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers "
-        f"({shape['shallow']} shallow), vocab {shape['vocab']}, rank {shape['rank']} on all 7 projections, batch 1, "
+        f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on all 7 projections, batch 1, "
         f"{shape['seq']} prompt tokens, {shape['decode']} decoded; {results['device']} {results['dtype']}, "
         f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs; "
         "each ratio is against the same-weights Llama timed alongside it. Sequence routing with Gaussian keys: "
