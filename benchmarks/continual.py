@@ -206,7 +206,7 @@ def markdown(summary, args) -> str:
     lines = [
         f"Built-in tasks {', '.join(DEMO_TASKS)} (in this order); {args.steps_per_task} steps of 32 examples per task; "
         f"exact match (%) on each task's test split, no task id; mean ± std over seeds "
-        f"{summary[next(iter(summary))]['seeds']}; LoRA / expert rank {args.rank}.",
+        f"{summary[next(iter(summary))]['seeds']}; LoRA / expert rank {args.rank}; {args.threads} CPU thread(s) per run.",
         "",
         "| method | LA | OP | BWT | FWT | trainable params / task | params added / task | time (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -255,9 +255,14 @@ def main():
     parser.add_argument("--test-examples", type=int, default=100)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 lets two runs share a 2-core machine fairly")
     parser.add_argument("--quick", action="store_true", help="a few steps and examples, to keep the script working")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     if args.methods is None:
         args.methods = SUITES[args.suite]
     name = "continual" if args.suite == "main" else f"continual-{args.suite}"

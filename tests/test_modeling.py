@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from pmoe import PMoEConfig, PMoEForCausalLM, PMoELinear, PMoEModel
 from pmoe.modeling_pmoe import route
+from transformers import PreTrainedModel
 
 from conftest import TOKEN_LEARNED, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
 
@@ -50,7 +51,11 @@ def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, rou
     assert len(expert_keys) == 2 * (4 * 7 * 2 + router_tensors)  # experts in all 4 layers (the default)
     state = {k: v for k, v in model.state_dict().items() if k not in expert_keys}
     model.save_pretrained(tmp_path, state_dict=state)
-    loaded, info = PMoEForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    # pmoe's from_pretrained refuses a checkpoint without its experts (tests/test_bad_checkpoints.py); transformers'
+    # own loader underneath it initialises them, which is what this test checks.
+    with pytest.raises(ValueError, match="none of its .* tensors is in the weights"):
+        PMoEForCausalLM.from_pretrained(tmp_path)
+    loaded, info = PreTrainedModel.from_pretrained.__func__(PMoEForCausalLM, tmp_path, output_loading_info=True)
     assert set(info["missing_keys"]) == expert_keys
     for name, param in [*loaded.named_parameters(), *loaded.named_buffers()]:
         assert torch.isfinite(param).all(), name

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .checkpointing import is_complete_checkpoint, is_complete_save, last_complete_checkpoint, save_pretrained_atomic
 from .configuration_pmoe import PMOE_FORMAT_VERSION, SUPPORTED_DENSE_MODEL_TYPES, PMoEConfig
 from .modeling_pmoe import (
     PMoEForCausalLM,
@@ -72,7 +73,11 @@ __all__ = [
     "exact_match",
     "export_expert_to_peft",
     "import_peft_adapter",
+    "is_complete_checkpoint",
+    "is_complete_save",
+    "last_complete_checkpoint",
     "rouge_l",
+    "save_pretrained_atomic",
     "schedule_from_task_column",
     "__version__",
 ]

@@ -320,9 +320,15 @@ def read_tensors(source: str, names: list[str]) -> dict | None:
         path = weight_file(source, filename)
         if path is None:
             raise CommandError(f"{source}: weight file {filename} is missing")
-        with safe_open(path, framework="pt") as handle:
-            present = set(handle.keys())
-            tensors.update({name: handle.get_tensor(name) for name in wanted if name in present})
+        try:
+            with safe_open(path, framework="pt") as handle:
+                present = set(handle.keys())
+                tensors.update({name: handle.get_tensor(name) for name in wanted if name in present})
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise CommandError(f"{source}: {filename} is truncated or its header is corrupted ({one_line(error)}); "
+                               "download or save the checkpoint again") from None
     return tensors
 
 
@@ -343,6 +349,12 @@ def load_for_info(source: str):
     for name in names:  # statistics an older checkpoint lacks are zero, as in a fresh model
         if name not in tensors:
             tensors[name] = torch.zeros(buffers[name].shape, dtype=torch.float32)
+        elif tensors[name].shape != buffers[name].shape:
+            raise CommandError(
+                f"{source}: {name} has shape {list(tensors[name].shape)} in the weights but "
+                f"{list(buffers[name].shape)} in a model built from config.json (num_experts={config.num_experts}, "
+                f"expert_tasks={config.expert_tasks}): config.json does not match the weights"
+            )
     model.load_state_dict(tensors, strict=False, assign=True)
     return model
 

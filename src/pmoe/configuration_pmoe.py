@@ -204,6 +204,10 @@ class PMoEConfig(PreTrainedConfig):
             self.expert_alpha = 2.0 * self.expert_rank
         if self.expert_target_modules is None:
             self.expert_target_modules = list(EXPERT_TARGET_MODULES)
+        # A string would silently become a list of its characters below (`list("sql")`): refuse it.
+        for field in ("expert_target_modules", "expert_tasks", "expert_train_steps"):
+            if isinstance(getattr(self, field), str):
+                raise ValueError(f"PMoEConfig.{field} must be a list, got the string {getattr(self, field)!r}.")
         self.expert_target_modules = list(self.expert_target_modules)
         self.expert_tasks = list(self.expert_tasks) if self.expert_tasks is not None else []
         if self.expert_train_steps is None:

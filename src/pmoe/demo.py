@@ -4,22 +4,24 @@
    cached (`~/.cache/pmoe`, or `$PMOE_CACHE`);
 2. it is converted to PMoE (identical logits) and trained on the built-in tasks one after another with `Trainer` +
    `PMoEContinualCallback`, one expert per task; on the same budget (steps, data, learning-rate schedule), the dense
-   base is fine-tuned sequentially as the baseline. The demo puts experts in every layer (`expert_layers="all"`): on
-   these tasks deep-only experts learned about half as much (OP 17% against 36%, one seed; the library default stays
-   the paper's asymmetric layout until the benchmark decides);
+   base is fine-tuned sequentially as the baseline. The demo uses the library's default layout, experts in every
+   layer (`expert_layers="all"`): on these tasks deep-only experts learned about half as much (OP 17% against 36%);
 3. after each task every task is measured by exact match, without a task id: both accuracy matrices are printed with
    LA / OP / BWT / FWT, and a PNG shows them with the router's expert choice per task;
-4. the PMoE model is saved, loaded back with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` and
-   answers one prompt of every task.
+4. the PMoE model is saved, loaded back with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` in a
+   fresh process where `import pmoe` fails (so the checkpoint's own remote code runs), and answers one prompt of every
+   task there.
 """
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
@@ -109,6 +111,49 @@ def train_task(model, rows, tokenizer, steps, learning_rate, output_dir, callbac
     )
     trainer_class(model, args, train_dataset=rows, data_collator=padding_collator(tokenizer),
                   callbacks=list(callbacks), **(trainer_kwargs or {})).train()
+
+
+RELOAD = textwrap.dedent("""
+    import json, sys
+    sys.modules["pmoe"] = None  # as on a machine without pmoe: the checkpoint's own remote code must do the work
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    checkpoint, data_file, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    data = load_file(data_file)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    answers, experts = [], []
+    with torch.no_grad():
+        identical = torch.equal(model(input_ids=data["probe"]).logits, data["logits"])
+        for prompt in prompts:  # no task id: the router reads the prompt
+            input_ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+            out = model.generate(input_ids=input_ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                 eos_token_id=tokenizer.eos_token_id)
+            answers.append(tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+            experts.append(int(model(input_ids=input_ids).routing_weights.argmax(-1)))
+    print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
+                      "expert_tasks": model.config.expert_tasks, "identical_logits": identical,
+                      "answers": answers, "experts": experts}))
+""")
+
+
+def reload_without_pmoe(checkpoint, probe, expected_logits, prompts) -> dict:
+    """Load the saved checkpoint in a fresh Python process where pmoe cannot be imported, through
+    `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, and answer `prompts` there."""
+    from safetensors.torch import save_file
+
+    data_file = os.path.join(checkpoint, "..", "reload-check.safetensors")
+    save_file({"probe": probe.contiguous(), "logits": expected_logits.contiguous()}, data_file)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-c", RELOAD, checkpoint, data_file, json.dumps(prompts)],
+                            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    os.remove(data_file)
+    if result.returncode != 0:
+        raise RuntimeError(f"Reloading {checkpoint} in a fresh process failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def format_matrix(name, tasks, matrix, metrics):
@@ -205,20 +250,16 @@ def run_demo(output_dir: str | None = None, steps_per_task: int = 300, pretrain_
     checkpoint = os.path.join(output_dir, "pmoe-model")
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    loaded = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    examples = [splits[task]["test"][0] for task in DEMO_TASKS]
     with torch.no_grad():
-        identical = torch.equal(loaded(input_ids=probe).logits, model.eval()(input_ids=probe).logits)
-    print(f"saved {checkpoint}; reloaded with AutoModelForCausalLM(trust_remote_code=True): experts "
-          f"{loaded.config.expert_tasks}, identical logits: {identical}")
-    for task in DEMO_TASKS:
-        example = splits[task]["test"][0]
-        score, routed = evaluate(loaded, tokenizer, [example], with_routing=True)
-        prompt = torch.tensor([encode([example], tokenizer, with_answer=False)[0]["input_ids"]])
-        with torch.no_grad():
-            out = loaded.generate(input_ids=prompt, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                  eos_token_id=tokenizer.eos_token_id)
-        answer = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
-        print(f"  {example['prompt']!r:>18} -> {answer!r:<10} (expected {example['answer']!r}, expert {routed[0]})")
+        expected_logits = model.eval()(input_ids=probe).logits
+    reloaded = reload_without_pmoe(checkpoint, probe, expected_logits, [e["prompt"] for e in examples])
+    identical = reloaded["identical_logits"]
+    print(f"saved {checkpoint}; reloaded in a fresh process without pmoe as {reloaded['class']} "
+          f"(AutoModelForCausalLM, trust_remote_code=True): experts {reloaded['expert_tasks']}, identical logits: "
+          f"{identical}")
+    for example, answer, expert in zip(examples, reloaded["answers"], reloaded["experts"]):
+        print(f"  {example['prompt']!r:>18} -> {answer!r:<10} (expected {example['answer']!r}, expert {expert})")
     summary = {"tasks": DEMO_TASKS, "baseline": baseline, "methods": results, "router_choice": routing,
                "conversion_diff": conversion_diff, "identical_after_reload": identical, "figure": figure,
                "seconds": time.time() - started}

@@ -254,17 +254,19 @@ class PMoERouter(nn.Module):
             biases = torch.stack([entry.bias for entry in self.experts]).float()
             scores = features @ keys.T + biases
         else:
-            means, variances, fitted = zip(*(entry.gaussian(self.config.router_variance_floor) for entry in self.experts))
-            mean, variance, fitted = torch.stack(means), torch.stack(variances), torch.stack(fitted)
-            precision = variance.reciprocal()
-            # sum_d (f - mu)^2 / var, expanded into matmuls so no [B, T, E, H] tensor is built.
-            distance = (
-                features.square() @ precision.T
-                - 2 * features @ (mean * precision).T
-                + (mean.square() * precision).sum(-1)
-            )
-            scores = -0.5 * (distance + variance.log().sum(-1) + self.hidden_size * math.log(2 * math.pi))
-            scores = scores.masked_fill(~fitted, float("-inf"))
+            # sum_d (f - mu)^2 / var, expanded into matrix-vector products so no [B, T, E, H] tensor is built; one per
+            # expert, not one matmul over all keys: a matmul's rounding depends on how many keys it spans, so growing
+            # a key would move the old experts' scores by float32 rounding, and growth would no longer be bit-exact.
+            squares = features.square()
+            constant = self.hidden_size * math.log(2 * math.pi)
+            per_expert = []
+            for entry in self.experts:
+                mean, variance, fitted = entry.gaussian(self.config.router_variance_floor)
+                precision = variance.reciprocal()
+                distance = squares @ precision - 2 * (features @ (mean * precision)) + (mean.square() * precision).sum()
+                score = -0.5 * (distance + variance.log().sum() + constant)
+                per_expert.append(score.masked_fill(~fitted, float("-inf")))
+            scores = torch.stack(per_expert, dim=-1)
         return scores / self.config.router_temperature
 
     def forward(
@@ -333,7 +335,17 @@ def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Ten
         logits = logits.masked_fill(~keep, float("-inf"))
     if activation == "softmax":
         # Renormalised over the kept experts (Mixtral-style); all -inf rows give NaN, which means "no expert".
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        # Written out, not torch.softmax: its reduction changes summation order with the row length (seen on CPU
+        # from 15 to 16 experts), so a new expert scored -inf would move the old gates by rounding. Here the experts
+        # are added one by one in index order, and a -inf expert adds an exact 0. (The shift by the row's maximum
+        # leaves the softmax unchanged, so it carries no gradient.)
+        if num_experts == 0:
+            return logits
+        exps = torch.exp(logits - logits.detach().amax(dim=-1, keepdim=True))
+        total = exps[..., 0]
+        for index in range(1, num_experts):
+            total = total + exps[..., index]
+        return (exps / total.unsqueeze(-1)).nan_to_num(0.0)
     return torch.sigmoid(logits)
 
 
@@ -364,6 +376,103 @@ def expert_choice_route(
     rank = order.argsort(dim=1)  # rank of each token in each expert's ordering
     keep = (rank < per_sequence[:, None, None]) & valid[..., None]
     return probabilities * keep
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+def _reads_values(tensor: torch.Tensor, length: int) -> bool:
+    """Whether the checks that read an input's values (token id range, finite embeddings / gates) run.
+
+    They need a host read of one small reduction. On CPU that costs nothing next to the forward, so they always run.
+    On an accelerator the read is a device sync: it runs for multi-token inputs (prefill, training), where one sync
+    is negligible next to the forward and the first out-of-range id would otherwise be a device-side assert, but not
+    at single-token decode steps (whose ids and gates `generate` made itself) nor under torch.compile (a host read
+    would break the graph). transformers' own models check none of this."""
+    if tensor.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or length > 1
+
+
+def check_not_empty(inputs: torch.Tensor, name: str):
+    # LlamaForCausalLM fails on empty input with "cannot reshape tensor of 0 elements"; there is no output to define
+    # for an empty sequence (no position to predict from), so both empty cases are refused alike.
+    if inputs.dim() >= 2 and 0 in inputs.shape[:2]:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(inputs.shape)}): PMoE needs at least one sequence of at least one token."
+        )
+
+
+def check_attention_mask(attention_mask, batch_size: int, length: int, has_cache: bool, name: str = "attention_mask"):
+    """A 2D mask must be `(batch_size, length)`, or `(batch_size, cached + length)` with a cache (dicts of prebuilt
+    masks and custom 4D masks are not checked)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    rows, columns = attention_mask.shape
+    if rows != batch_size or (columns != length if not has_cache else columns < length):
+        expected = f"({batch_size}, {length})" if not has_cache else f"({batch_size}, past + {length})"
+        raise ValueError(
+            f"{name} has shape {tuple(attention_mask.shape)} but the input is {batch_size} sequences of {length} "
+            f"tokens: expected {expected}."
+        )
+
+
+def check_model_inputs(
+    config: PMoEConfig,
+    vocab_size: int,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask,
+    routing_weights: torch.Tensor | None,
+    routing_mask: torch.Tensor | None,
+    has_cache: bool,
+):
+    """Clear errors for bad inputs, before they fail deep inside the model (or silently give NaN)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ValueError(
+            f"inputs_embeds must have shape (batch_size, sequence_length, hidden_size={config.hidden_size}), got "
+            f"{tuple(inputs_embeds.shape)}."
+        )
+    given = input_ids if input_ids is not None else inputs_embeds
+    check_not_empty(given, "input_ids" if input_ids is not None else "inputs_embeds")
+    batch_size, length = given.shape[:2]
+    check_attention_mask(attention_mask, batch_size, length, has_cache)
+    if routing_mask is not None:
+        if routing_mask.dim() != 2 or routing_mask.shape[0] != batch_size or routing_mask.shape[1] < length:
+            raise ValueError(
+                f"routing_mask must have shape (batch_size, sequence_length) = ({batch_size}, {length}) (or cover "
+                f"cached tokens too), got {tuple(routing_mask.shape)}."
+            )
+    if routing_weights is not None:
+        if config.routing != "sequence":
+            raise ValueError(
+                f"routing_weights are sequence-routing gates, but this model routes with routing='{config.routing}'."
+            )
+        if routing_weights.shape != (batch_size, config.num_experts):
+            raise ValueError(
+                f"routing_weights must have shape (batch_size, num_experts) = "
+                f"({batch_size}, {config.num_experts}), got {tuple(routing_weights.shape)}."
+            )
+        if _reads_values(routing_weights, length) and not bool(
+            (torch.isfinite(routing_weights) & (routing_weights >= 0)).all()
+        ):
+            raise ValueError(
+                "routing_weights must be finite and >= 0 (a row of zeros means no expert), got "
+                f"{routing_weights.tolist() if routing_weights.numel() <= 16 else 'NaN, inf or negative values'}."
+            )
+    if input_ids is not None and _reads_values(input_ids, length):
+        low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must be token ids in [0, vocab_size) = [0, {vocab_size}), got ids from {low} to {high}."
+            )
+    if inputs_embeds is not None and _reads_values(inputs_embeds, length):
+        # One elementwise pass and a reduction over [B, T, H]: far below one decoder layer. NaN would otherwise
+        # spread through the router to the sequence's gate and through attention to its other tokens.
+        if not bool(torch.isfinite(inputs_embeds).all()):
+            raise ValueError("inputs_embeds contains NaN or infinite values.")
 
 
 # ----------------------------------------------------------------------------------------------------- decoder
@@ -541,6 +650,13 @@ class PMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.usage)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        # Weights are written only as safetensors. transformers 5 dropped `safe_serialization` and swallows it in
+        # **kwargs, so `safe_serialization=False` would silently give safetensors anyway: refuse it instead.
+        if kwargs.pop("safe_serialization", True) is False:
+            raise ValueError(
+                "pmoe saves weights only as safetensors (model.safetensors): safe_serialization=False is not "
+                "supported, because pickle files (pytorch_model.bin) can run code when loaded. Drop the argument."
+            )
         # transformers records only the saved class in `auto_map`; list every head so any Auto class loads the
         # checkpoint as remote code.
         if self._auto_class is not None:
@@ -552,6 +668,170 @@ class PMoEPreTrainedModel(PreTrainedModel):
                 "AutoModelForSequenceClassification": "modeling_pmoe.PMoEForSequenceClassification",
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that returns a fully loaded PMoE model or raises; never a half-loaded one.
+
+        - Weights load only from safetensors: `use_safetensors` is forced on and pickle checkpoints
+          (`pytorch_model.bin`, `*.pt`) are refused, since unpickling can run code.
+        - A truncated `.safetensors` file or a corrupted header gives an `OSError` that says so. (safetensors has no
+          checksum: corrupted tensor *data* cannot be detected.)
+        - The weights must match `config.json`. transformers only warns about missing tensors and initialises them at
+          random; here every expert and router tensor the config implies must be in the checkpoint with the config's
+          shape, the checkpoint may hold no expert tensor the config does not build, and base weights may be missing
+          only for a new task head (`score` of `PMoEForSequenceClassification` loaded from a causal LM checkpoint). A
+          `ValueError` names the tensors, the shapes and the config's experts. `ignore_mismatched_sizes=True` keeps its
+          transformers meaning for base weights (e.g. a head with another number of labels), never for experts.
+
+        `output_loading_info=True` returns `(model, loading_info)` as in transformers.
+        """
+        source = pretrained_model_name_or_path
+        if kwargs.get("use_safetensors", True) is False:
+            raise ValueError(
+                "pmoe loads weights only from safetensors: use_safetensors=False is not supported, because pickle "
+                "files (pytorch_model.bin) can run code when loaded. Drop the argument."
+            )
+        if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and not str(source).endswith(
+            ".safetensors"
+        ):
+            raise ValueError(
+                f"pmoe loads weights only from safetensors, and {str(source)!r} is not a .safetensors file (pickle "
+                "files can run code when loaded). Pass the checkpoint folder that save_pretrained wrote."
+            )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        kwargs["use_safetensors"] = True
+        try:
+            # Mismatched shapes are checked below, with a clearer error than transformers' generic one.
+            model, loading_info = super().from_pretrained(
+                source, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except OSError as error:
+            message = str(error)
+            if "model.safetensors" in message and (
+                "no file named" in message or "does not appear to have a file named" in message
+            ):
+                raise OSError(
+                    f"No safetensors weights in {str(source)!r}: pmoe loads weights only from model.safetensors (or "
+                    "model.safetensors.index.json and its shards) and refuses pickle files such as pytorch_model.bin, "
+                    "which can run code when loaded. Re-save the model with save_pretrained, or convert trusted "
+                    f"pickle weights with safetensors.torch.save_file. (transformers: {message})"
+                ) from error
+            raise
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' error class, matched without importing it
+                raise
+            raise OSError(
+                f"The weights of {str(source)!r} cannot be read: a .safetensors file is truncated or its header is "
+                f"corrupted ({error}). Download or save the checkpoint again."
+            ) from error
+        cls._check_loaded_weights(model, loading_info, source, ignore_mismatched_sizes)
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _check_loaded_weights(cls, model, loading_info: dict, source, ignore_mismatched_sizes: bool):
+        """Raise a `ValueError` listing every tensor of `model` the checkpoint did not fill as saved (see
+        `from_pretrained`)."""
+        config = model.config
+
+        def is_pmoe_tensor(name):  # expert LoRA A/B, router keys and router statistics
+            return model._expert_index_of(name) is not None or "routers" in name.split(".")
+
+        def is_head(name):
+            return name.split(".")[0] in ("lm_head", "score")
+
+        def examples(names, limit=4):
+            names = sorted(names)
+            shown = ", ".join(names[:limit])
+            return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+        problems = []
+        missing = set(loading_info["missing_keys"])
+        # Allowed: a new task head (a classifier loaded from a causal LM checkpoint) and router usage counts, which
+        # checkpoints from before expert merging lack (zero, as in a fresh model).
+        missing -= {name for name in missing if name.split(".")[0] in model._trainable_task_heads}
+        missing -= {name for name in missing if name.endswith(".usage") and "routers" in name.split(".")}
+        missing_by_expert = {}
+        for name in missing:
+            index = model._expert_index_of(name)
+            if index is not None:
+                missing_by_expert.setdefault(index, []).append(name)
+        for index, names in sorted(missing_by_expert.items()):
+            task = config.expert_tasks[index] if index < len(config.expert_tasks) else None
+            total = len(model.expert_tensors(index)) if index < config.num_experts else len(names)
+            if len(names) == total:
+                problems.append(
+                    f"expert {index} ({task!r}) is in config.json but none of its {total} tensors is in the weights "
+                    f"(e.g. {examples(names, 2)}): config.json lists more experts than were saved."
+                )
+            else:
+                problems.append(
+                    f"{len(names)} of the {total} tensors of expert {index} ({task!r}) are missing from the weights: "
+                    f"{examples(names)}. The weights file is incomplete (a tensor was removed or a shard is missing)."
+                )
+        other_missing = sorted(name for name in missing if model._expert_index_of(name) is None)
+        if other_missing:
+            problems.append(f"{len(other_missing)} tensor(s) are missing from the weights: {examples(other_missing)}.")
+
+        unexpected = set(loading_info["unexpected_keys"])
+        extra_experts = sorted({index for name in unexpected if (index := model._expert_index_of(name)) is not None})
+        if extra_experts:
+            names = [name for name in unexpected if model._expert_index_of(name) is not None]
+            beyond = [index for index in extra_experts if index >= config.num_experts]
+            hint = ("config.json lists fewer experts than were saved" if beyond else
+                    "config.json builds these experts elsewhere (expert_layers, expert_target_modules or router "
+                    "settings differ from the ones the weights were saved with)")
+            problems.append(
+                f"the weights hold {len(names)} tensor(s) of expert(s) {extra_experts} that a model built from "
+                f"config.json does not have: {examples(names)}; {hint}."
+            )
+        other_unexpected = sorted(
+            name for name in unexpected if model._expert_index_of(name) is None and not is_head(name)
+        )
+        if other_unexpected:
+            problems.append(
+                f"the weights hold {len(other_unexpected)} tensor(s) that a model built from config.json does not "
+                f"have: {examples(other_unexpected)} (num_hidden_layers, expert_layers or router settings may differ)."
+            )
+
+        mismatched_by_cause = {}
+        for name, saved, built in sorted(loading_info["mismatched_keys"], key=lambda item: item[0]):
+            if ignore_mismatched_sizes and not is_pmoe_tensor(name):
+                continue  # the caller asked transformers to re-initialise base weights of another shape
+            saved, built = list(saved), list(built)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "lora_A" and len(saved) == 2 and saved[1:] == built[1:]:
+                cause = (f"the saved experts have rank {saved[0]} but config.expert_rank is {config.expert_rank}: "
+                         "expert_rank in config.json was changed")
+            elif leaf == "lora_B" and len(saved) == 2 and saved[:1] == built[:1]:
+                cause = (f"the saved experts have rank {saved[1]} but config.expert_rank is {config.expert_rank}: "
+                         "expert_rank in config.json was changed")
+            elif leaf == "usage" and len(saved) == 1:
+                cause = (f"the saved routers count {saved[0]} experts but config.num_experts is {config.num_experts}: "
+                         "num_experts / expert_tasks in config.json do not match the weights")
+            elif is_head(name):
+                cause = ("the head was saved with another size (num_labels or vocab_size); pass "
+                         "ignore_mismatched_sizes=True to start a new head")
+            else:
+                cause = ("the model sizes in config.json (hidden_size, intermediate_size, num_attention_heads, "
+                         "num_key_value_heads, head_dim, vocab_size) do not match the weights")
+            mismatched_by_cause.setdefault(cause, []).append(
+                f"{name} has shape {saved} in the weights but {built} in a model built from config.json"
+            )
+        for cause, shapes in mismatched_by_cause.items():
+            more = f"; and {len(shapes) - 2} more tensor(s) like them" if len(shapes) > 2 else ""
+            problems.append("; ".join(shapes[:2]) + more + f". Likely cause: {cause}.")
+        if problems:
+            where = repr(str(source)) if source is not None else "the state_dict passed"
+            raise ValueError(
+                f"Cannot load {cls.__name__} from {where}: the weights do not match config.json (num_experts="
+                f"{config.num_experts}, expert_tasks={config.expert_tasks}, expert_rank={config.expert_rank}). "
+                "Nothing is returned: transformers would re-initialise these tensors at random, a half-loaded model.\n"
+                + "\n".join(f"- {problem}" for problem in problems)
+                + "\nFix config.json so that it describes the saved weights (num_experts, expert_tasks, "
+                "expert_train_steps, expert_rank, model sizes), or load the folder exactly as save_pretrained wrote it."
+            )
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
                     private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
@@ -823,8 +1103,10 @@ class PMoEModel(PMoEPreTrainedModel):
         forced = self._training_expert if self.training and self.config.router_keys == "gaussian" else None
         if self.training:
             rows = None
-            if self.config.routing != "sequence" and routing_mask is not None:
-                rows = routing_mask.bool()
+            if routing_mask is not None:
+                # Token routing: the real tokens. Sequence routing: the rows with a routing token; a row of padding
+                # only (mean feature 0) must not fit a Gaussian key, count as load or enter the logs.
+                rows = routing_mask.bool() if self.config.routing != "sequence" else routing_mask.bool().any(dim=1)
             if forced is not None:
                 selected = features.reshape(-1, features.shape[-1])
                 router.experts[forced].accumulate(selected if rows is None else selected[rows.reshape(-1)])
@@ -866,8 +1148,10 @@ class PMoEModel(PMoEPreTrainedModel):
             of routing, computed without gradients and without a copy of the model: the layers before the first
             expert layer are shared, the expert layers run a second time (Lifelong-MoE distillation).
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_model_inputs(
+            self.config, self.embed_tokens.num_embeddings, input_ids, inputs_embeds, attention_mask, routing_weights,
+            routing_mask, has_cache=past_key_values is not None,
+        )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
@@ -900,12 +1184,7 @@ class PMoEModel(PMoEPreTrainedModel):
         first_deep = config.num_shallow_layers
         expert_gates = None
         router_logits = ()
-        if sequence_routing and routing_weights is not None:
-            if routing_weights.shape != (inputs_embeds.shape[0], config.num_experts):
-                raise ValueError(
-                    f"routing_weights must have shape (batch_size, num_experts) = "
-                    f"({inputs_embeds.shape[0]}, {config.num_experts}), got {tuple(routing_weights.shape)}."
-                )
+        if sequence_routing and routing_weights is not None:  # shape and values checked by check_model_inputs
             expert_gates = routing_weights[:, None, :].to(inputs_embeds.dtype)
         elif sequence_routing and config.expert_layers == "all":
             # Shallow experts: the gate comes from a first pass through the shallow block without experts, so it
@@ -1086,6 +1365,50 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         config.validate_pmoe()
         return first, second, target
 
+    def remove_expert(self, index: int):
+        """Delete expert `index` from every linear and router; later experts move down one index, and the config's
+        tasks, training steps and accuracy record lose its entry. Used to cap the expert count after a merge."""
+        config = self.config
+        if not 0 <= index < config.num_experts:
+            raise IndexError(f"expert index {index} out of range: the model has {config.num_experts} experts.")
+        for linear in self.expert_linears():
+            del linear.experts[index]
+            linear.__dict__.pop("_concat_cache", None)
+        for router in self.expert_routers():
+            del router.experts[index]
+            router.usage = torch.cat([router.usage[:index], router.usage[index + 1 :]])
+            router._log_stats = None
+        config.num_experts -= 1
+        config.expert_tasks = [task for e, task in enumerate(config.expert_tasks) if e != index]
+        config.expert_train_steps = [steps for e, steps in enumerate(config.expert_train_steps) if e != index]
+        if config.accuracy_matrix:
+            config.accuracy_matrix = [[v for e, v in enumerate(row) if e != index] for row in config.accuracy_matrix]
+        training = self.training_expert
+        self.training_expert = None if training in (None, index) else training - (training > index)
+        config.validate_pmoe()
+
+    def cap_experts(self, max_experts: int, method: str = "svd") -> list[tuple[str, str]]:
+        """Merge experts until at most `max_experts` remain: each time, the two most used experts (never the one being
+        trained) are merged into the first of them (`merge_experts`) and the second is removed. Returns the merged
+        task pairs. With Gaussian keys the merged key is fitted on both tasks' statistics, so both still route to it."""
+        if isinstance(max_experts, bool) or not isinstance(max_experts, int) or max_experts < 1:
+            raise ValueError(f"cap_experts: max_experts must be an integer >= 1, got {max_experts!r}.")
+        merged = []
+        while self.config.num_experts > max_experts:
+            usage = self.expert_usage()
+            candidates = [e for e in range(self.config.num_experts) if e != self.training_expert]
+            if len(candidates) < 2:
+                raise ValueError(
+                    f"cap_experts: cannot go down to {max_experts} experts: fewer than two experts besides the one "
+                    "being trained."
+                )
+            first, second = sorted(sorted(candidates, key=lambda e: (-usage[e].item(), e))[:2])
+            pair = (self.config.expert_tasks[first], self.config.expert_tasks[second])
+            self.merge_experts(method, sources=(first, second), target=first)
+            self.remove_expert(second)
+            merged.append(pair)
+        return merged
+
     # -------------------------------------------------------------- conversion from dense checkpoints
     @classmethod
     def from_dense(cls, model_or_path, num_shallow_layers: int | None = None, dense_kwargs: dict | None = None,
@@ -1174,6 +1497,12 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         if routing_mask is None and labels is not None and self.config.routing == "sequence":
+            given = input_ids if input_ids is not None else inputs_embeds
+            if given is not None and given.dim() >= 2 and labels.shape != given.shape[:2]:
+                raise ValueError(
+                    f"labels has shape {tuple(labels.shape)} but the input is {tuple(given.shape[:2])}: they must match."
+                )
+            check_attention_mask(attention_mask, labels.shape[0], labels.shape[1], has_cache=past_key_values is not None)
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
         distill = self.training and labels is not None and self.config.distillation_alpha > 0
         outputs: PMoEModelOutputWithPast = self.model(
@@ -1229,6 +1558,14 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             routing_weights=outputs.routing_weights,
             distillation_loss=distillation_loss,
         )
+
+    def generate(self, inputs=None, *args, **kwargs):
+        # An empty prompt fails inside transformers' `generate` (an IndexError) before the model runs: say why first.
+        for name, prompt in (("input_ids", inputs), ("input_ids", kwargs.get("input_ids")),
+                             ("inputs_embeds", kwargs.get("inputs_embeds"))):
+            if isinstance(prompt, torch.Tensor):
+                check_not_empty(prompt, name)
+        return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)

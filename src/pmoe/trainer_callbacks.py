@@ -26,9 +26,14 @@ to the Trainer's logs, so it reaches TensorBoard and every other `report_to` int
 Resuming: load the model from the checkpoint (`PMoEForCausalLM.from_pretrained(checkpoint)`), build the Trainer with the
 callback, and call `trainer.train(resume_from_checkpoint=checkpoint)`; in one-Trainer-per-task mode, call
 `callback.start_task(model, <the interrupted task>)` first. The callback re-activates the interrupted task's expert and
-checks the checkpoint against its tasks before any training step.
+checks the checkpoint against its tasks before any training step. Take the checkpoint from
+`pmoe.last_complete_checkpoint(output_dir)`, not `resume_from_checkpoint=True`: after a crash during a save, the
+Trainer's own choice is the half-written folder. With one Trainer per task, give each task its own `output_dir` (every
+Trainer counts steps from 0), and save between tasks with `pmoe.save_pretrained_atomic` if you overwrite one folder.
 """
 
+import json
+import os
 import sys
 
 import torch
@@ -37,6 +42,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.utils import logging
 
+from .checkpointing import _CHECKPOINT
 from .modeling_pmoe import PMoEPreTrainedModel
 
 
@@ -117,12 +123,15 @@ class PMoEContinualCallback(TrainerCallback):
             with the model and its task names so far; the scores it returns become one row of the model's
             continual-learning record (`model.record_task_scores`, saved in the config, shown in the model card).
         metric_name (`str`, defaults to `"accuracy"`): what `evaluate_fn` measures (the record's label).
+        max_experts (`int`, *optional*): cap the expert count. Before a new task's expert is grown on a model that
+            already has `max_experts`, the two most used experts are merged into one and the other is removed
+            (`model.cap_experts`), so long task sequences keep a bounded model. One-Trainer-per-task mode only.
     """
 
     def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
                  log_router: bool = True, distillation_alpha: float | None = None,
                  merge_every_n_steps: int | None = None, merge_method: str = "svd", evaluate_fn=None,
-                 metric_name: str = "accuracy"):
+                 metric_name: str = "accuracy", max_experts: int | None = None):
         if tasks is not None and task_schedule is not None:
             raise ValueError("Pass either `tasks` (one Trainer per task) or `task_schedule` (one run), not both.")
         if tasks is not None:
@@ -151,6 +160,16 @@ class PMoEContinualCallback(TrainerCallback):
             raise ValueError(f"merge_method must be 'svd' or 'average', got {merge_method!r}.")
         if evaluate_fn is not None and not callable(evaluate_fn):
             raise ValueError(f"evaluate_fn must be callable (model, task_names) -> {{task: score}}, got {evaluate_fn!r}.")
+        if max_experts is not None and (
+            isinstance(max_experts, bool) or not isinstance(max_experts, int) or max_experts < 2
+        ):
+            raise ValueError(f"max_experts must be None or an integer >= 2 (two merge into one), got {max_experts!r}.")
+        if max_experts is not None and task_schedule is not None:
+            raise ValueError(
+                "max_experts removes merged experts, which a live optimizer still holds: use it with `tasks=` (one "
+                "Trainer per task), not with task_schedule."
+            )
+        self.max_experts = max_experts
         self.evaluate_fn = evaluate_fn
         self.metric_name = metric_name
         self.tasks = tasks
@@ -189,6 +208,10 @@ class PMoEContinualCallback(TrainerCallback):
             self._activate(pmoe_model, index)
             logger.info(f"Resuming task {task_name!r} on its expert {index}.")
         else:
+            if self.max_experts is not None and config.num_experts >= self.max_experts:
+                pmoe_model.training_expert = None  # the previous task is finished: its expert may be merged too
+                for first, second in pmoe_model.cap_experts(self.max_experts - 1, method=self.merge_method):
+                    logger.info(f"Merged the experts of {first!r} and {second!r} to stay within {self.max_experts}.")
             index = pmoe_model.add_expert(task_name)
             logger.info(f"Started task {task_name!r}: expert {index}.")
         self.current_task = task_name
@@ -235,7 +258,9 @@ class PMoEContinualCallback(TrainerCallback):
         elif self._explicitly_started is not None and self._explicitly_started in pmoe_model.config.expert_tasks:
             pass  # start_task was called for this Trainer
         elif self.tasks is not None:
-            pending = [task for task in self.tasks if task not in pmoe_model.config.expert_tasks]
+            # A merged expert is named "<task>+<task>": its tasks are trained too.
+            trained = {part for name in pmoe_model.config.expert_tasks for part in (name, *name.split("+"))}
+            pending = [task for task in self.tasks if task not in trained]
             if not pending:
                 raise ValueError(
                     f"Every task in {self.tasks} already has an expert; nothing to train. To resume an interrupted "
@@ -251,6 +276,29 @@ class PMoEContinualCallback(TrainerCallback):
             # No task information: keep training the newest expert.
             self.start_task(pmoe_model, pmoe_model.config.expert_tasks[-1])
         self._explicitly_started = None
+        if self.task_schedule is None:
+            self._warn_about_other_tasks_checkpoints(args, pmoe_model)
+
+    @staticmethod
+    def _warn_about_other_tasks_checkpoints(args, pmoe_model):
+        """Each Trainer counts steps from 0, so in an output_dir shared by several tasks this task's checkpoint-N
+        overwrites an earlier task's, in place (a crash mid-save loses both), and the highest-numbered checkpoint
+        need not be the newest."""
+        if args.save_strategy == "no" or not args.should_save or not os.path.isdir(args.output_dir):
+            return
+        for name in sorted(os.listdir(args.output_dir)):
+            try:
+                with open(os.path.join(args.output_dir, name, "config.json"), encoding="utf-8") as handle:
+                    tasks = json.load(handle).get("expert_tasks") if _CHECKPOINT.match(name) else None
+            except (OSError, ValueError, AttributeError):
+                continue
+            if tasks is not None and tasks != pmoe_model.config.expert_tasks:
+                logger.warning(
+                    f"{os.path.join(args.output_dir, name)} is a checkpoint of experts {tasks}, but this Trainer "
+                    f"trains {pmoe_model.config.expert_tasks}: its checkpoints will overwrite those of the same step. "
+                    "Give each task its own output_dir."
+                )
+                return
 
     def _init_schedule(self, args, pmoe_model):
         total = sum(steps for _, steps in self.task_schedule)
