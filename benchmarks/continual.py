@@ -131,7 +131,7 @@ def run_method(method, base, tokenizer, data, args, seed, workdir):
     row_of = lambda model: [evaluate(model, tokenizer, data[t]["test"])[0] for t in tasks]  # noqa: E731
     matrix, info = [], {}
     torch.manual_seed(seed)
-    if method.startswith("pmoe"):
+    if method in PMOE_OPTIONS:
         options = {"expert_rank": rank, **PMOE_OPTIONS[method]}
         model = PMoEForCausalLM.from_dense(copy.deepcopy(base), **options)
         callback = PMoEContinualCallback(tasks=tasks, merge_every_n_steps=100 if method == "pmoe-merge" else None)

@@ -5,7 +5,7 @@ Peers: `LlamaForCausalLM` with the same weights (the floor: PMoE without experts
 layer with the same rank and targets, and full fine-tuning.
 
 - prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache):
-  PMoE with 1, 4, 8, 16 and 32 experts, every expert used ("dense": equal gates) and top-2 routing, against Llama;
+  PMoE with 1, 4, 8, 16, 32 and 50 experts, every expert used ("dense": equal gates) and top-2 routing, against Llama;
 - one training step (forward + backward + AdamW step): PMoE training its newest expert, PEFT LoRA, full fine-tuning;
 - peak memory of each case (CPU: peak resident set, reset before each case; CUDA: peak allocated), and parameters /
   checkpoint bytes added per task.
@@ -37,7 +37,7 @@ import pmoe  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
-            seq=512, decode=32, experts=[1, 4, 8, 16, 32], repeats=5, warmup=1)
+            seq=512, decode=32, experts=[1, 4, 8, 16, 32, 50], repeats=5, warmup=1)
 QUICK = dict(vocab=512, hidden=128, intermediate=352, layers=4, shallow=2, heads=4, kv_heads=4, rank=4,
              seq=64, decode=8, experts=[1, 4], repeats=3, warmup=1)
 
