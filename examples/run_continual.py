@@ -44,8 +44,10 @@ class ModelArguments:
     expert_rank: int = field(default=8)
     expert_alpha: float | None = field(default=None, metadata={"help": "Default: 2 * expert_rank."})
     routing: str = field(default="sequence", metadata={"help": "sequence or token."})
-    router_keys: str = field(default="gaussian", metadata={"help": "gaussian or learned."})
-    expert_layers: str = field(default="deep", metadata={"help": "deep (asymmetric) or all."})
+    router_keys: str | None = field(default=None, metadata={"help": "gaussian or learned (default: pmoe's)."})
+    expert_layers: str | None = field(default=None, metadata={
+        "help": "all (experts in every layer) or deep (the paper's asymmetric layout); default: pmoe's (all with "
+                "sequence routing)."})
     distillation_alpha: float = field(default=0.0, metadata={"help": "Lifelong-MoE KL weight; 0 turns it off."})
     merge_every_n_steps: int | None = field(default=None, metadata={"help": "Merge experts every N steps."})
     merge_method: str = field(default="svd", metadata={"help": "svd or average."})
