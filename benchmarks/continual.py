@@ -50,12 +50,13 @@ from transformers import Trainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from pmoe import PMoEContinualCallback, PMoEForCausalLM  # noqa: E402
+from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES  # noqa: E402
 from pmoe.demo import DEMO_TASKS, encode, evaluate, pretrained_base, train_task  # noqa: E402
 from pmoe.metrics import continual_metrics  # noqa: E402
 from pmoe.tasks import task_splits  # noqa: E402
 
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(EXPERT_TARGET_MODULES)  # the same 7 projections as the experts
 PMOE_OPTIONS = {
     "pmoe": {},
     "pmoe-deep-only": {"expert_layers": "deep"},

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import pmoe  # noqa: E402
 
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)  # the same 7 projections as the experts
 FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
             seq=512, decode=32, experts=[1, 4, 8, 16, 32, 50], repeats=5, warmup=1)
 QUICK = dict(vocab=512, hidden=128, intermediate=352, layers=4, shallow=2, heads=4, kv_heads=4, rank=4,

@@ -89,8 +89,10 @@ def test_upload_folder_revisions_and_downloads(tmp_path):
         out = run_client(UPLOAD_AND_DOWNLOAD, client_env(server, tmp_path / "home"), tmp_path / "folder")
         first, second, third = out["shas"]
         # create_repo's own "initial commit" (.gitattributes), then one commit per upload.
-        assert server.commits("org/data") == [third, second, first, server.commits("org/data")[-1]]
+        initial = server.commits("org/data")[-1]
+        assert server.commits("org/data") == [third, second, first, initial]
         assert len(set(server.commits("org/data"))) == 4
+        assert set(server.files("org/data", initial)) == {".gitattributes"}
         assert all(re.fullmatch(r"[0-9a-f]{40}", sha) for sha in out["shas"])
         assert server.files("org/data", first)["a.txt"] == b"first"
         assert server.unhandled == []

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (a test extra: a missing one must fail, not skip)
 from safetensors.torch import load_file, save_file
 
 import pmoe

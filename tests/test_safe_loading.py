@@ -339,7 +339,6 @@ def test_code_named_by_auto_map_never_runs_without_trust_remote_code(checkpoint,
     from pmoe.cli import main
 
     assert main(["info", str(checkpoint)]) == 0
-    pytest.importorskip("matplotlib")
     assert main(["report", str(checkpoint), "--output", str(tmp_path / "router.png")]) == 0
     capsys.readouterr()
 

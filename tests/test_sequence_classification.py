@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import pmoe
-from pmoe.modeling_pmoe import expert_choice_route
+from pmoe.modeling_pmoe import expert_choice_route, route
 
 from conftest import make_dense, padded_batch, randomize_experts, tiny_pmoe_config
 
@@ -60,7 +60,7 @@ def test_every_expert_takes_at_most_its_capacity_of_non_padding_tokens(capacity)
     assert torch.equal(chosen.sum(dim=1), expected[:, None].expand(3, 4))  # exactly the capacity (capped)
     assert not chosen[mask == 0].any()  # padding is never selected
     # The chosen tokens are each expert's best: every kept probability >= every dropped one.
-    probabilities = torch.softmax(logits, -1)
+    probabilities = route(logits, "softmax", None)  # the router's softmax (summed expert by expert)
     for row in range(3):
         for expert in range(4):
             kept = probabilities[row, :, expert][chosen[row, :, expert]]

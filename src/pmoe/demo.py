@@ -219,16 +219,17 @@ def run_demo(output_dir: str | None = None, steps_per_task: int = 300, pretrain_
           f"{conversion_diff:.1e}")
     baseline = [evaluate(base, tokenizer, splits[task]["test"])[0] for task in DEMO_TASKS]
 
-    results, routing = {}, []
+    results = {}
     callback = PMoEContinualCallback(tasks=DEMO_TASKS)
     matrix = []
-    for task in DEMO_TASKS:
+    for index, task in enumerate(DEMO_TASKS):
         print(f"\n[PMoE] task '{task}': new expert, {steps_per_task} steps")
         train_task(model, train_rows[task], tokenizer, steps_per_task, expert_lr, os.path.join(output_dir, "runs", task),
                    [callback], seed)
-        matrix.append([evaluate(model, tokenizer, splits[t]["test"])[0] for t in DEMO_TASKS])
-    for task in DEMO_TASKS:
-        routing.append(evaluate(model, tokenizer, splits[task]["test"], with_routing=True)[1])
+        last = index == len(DEMO_TASKS) - 1  # the final model's routing comes with its last row
+        row = [evaluate(model, tokenizer, splits[t]["test"], with_routing=last) for t in DEMO_TASKS]
+        matrix.append([score for score, _ in row])
+    routing = [routes for _, routes in row]
     results["PMoE (one expert per task)"] = {"matrix": matrix, "metrics": continual_metrics(matrix, baseline)}
 
     sequential = LlamaForCausalLM.from_pretrained(os.path.join(cache_dir or cache_root(),

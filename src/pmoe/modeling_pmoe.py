@@ -317,10 +317,10 @@ def active_expert_indices(gates: torch.Tensor | None) -> tuple[int, ...] | None:
     One small device-to-host read per routing decision, not per layer."""
     if gates is None:
         return None
-    used = gates.detach().reshape(-1, gates.shape[-1]).ne(0).any(dim=0)
-    if bool(used.all()):
+    used = gates.detach().reshape(-1, gates.shape[-1]).ne(0).any(dim=0).tolist()  # the one host read
+    if all(used):
         return None
-    return tuple(used.nonzero().flatten().tolist())
+    return tuple(index for index, is_used in enumerate(used) if is_used)
 
 
 def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Tensor:
@@ -359,7 +359,7 @@ def expert_choice_route(
     A kept token's gate is its probability; every other gate is 0. Padding (`token_mask == 0`) is never kept.
     """
     batch, length, num_experts = logits.shape
-    probabilities = torch.softmax(logits, -1).nan_to_num(0.0) if activation == "softmax" else torch.sigmoid(logits)
+    probabilities = route(logits, activation, None)
     valid = torch.ones(batch, length, dtype=torch.bool, device=logits.device) if token_mask is None else (
         token_mask.to(logits.device).bool()
     )
@@ -373,7 +373,8 @@ def expert_choice_route(
     per_sequence = torch.minimum(per_sequence, num_valid)
     scores = probabilities.detach().masked_fill(~valid[..., None], float("-inf"))
     order = scores.argsort(dim=1, descending=True, stable=True)
-    rank = order.argsort(dim=1)  # rank of each token in each expert's ordering
+    positions = torch.arange(length, device=order.device).view(1, -1, 1).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank of each token in each expert's ordering
     keep = (rank < per_sequence[:, None, None]) & valid[..., None]
     return probabilities * keep
 
@@ -1252,9 +1253,7 @@ class PMoEModel(PMoEPreTrainedModel):
     def _old_model_pass(self, hidden_states, router_logits, start, causal_masks, layer_kwargs):
         """The expert layers again, with `training_expert` and every later expert masked out of routing."""
         config = self.config
-        if config.router_per_layer:
-            raise ValueError("The old-model pass (distillation) needs one shared router (router_per_layer=False).")
-        new_expert = self._training_expert
+        new_expert = self._training_expert  # (PMoEConfig refuses distillation with router_per_layer)
         if new_expert is None or not router_logits:
             old_gates = None  # no expert is new: the old model is the base model
         else:

@@ -29,7 +29,6 @@ from .modeling_pmoe import PMoELinear, PMoEPreTrainedModel
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"

@@ -6,6 +6,7 @@ Load it offline with `evaluate.load(pmoe.evaluate_module_path("accuracy"))`. The
 import datasets
 import evaluate
 
+from pmoe import evaluate_support  # a module, not the class: evaluate loads the first Metric class it finds
 from pmoe.metrics import accuracy
 
 
@@ -41,7 +42,7 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Accuracy(evaluate.Metric):
+class Accuracy(evaluate_support.PMoEMetric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -53,20 +54,5 @@ class Accuracy(evaluate.Metric):
             reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"],
         )
 
-    def compute(self, **kwargs):
-        """Compute the accuracy (see the inputs description); mismatched `sample_weight` raises `ValueError`."""
-        # `evaluate` only releases its cache file and lock when `_compute` returns: an exception raised inside would
-        # leave them held (and the next `compute` waits a second for the lock), so it is raised here, after cleanup.
-        self._error = None
-        result = super().compute(**kwargs)
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-        return result
-
-    def _compute(self, predictions, references, normalize=True, sample_weight=None):
-        try:
-            return {"accuracy": accuracy(predictions, references, normalize=normalize, sample_weight=sample_weight)}
-        except ValueError as error:
-            self._error = error
-            return None
+    def _score(self, predictions, references, normalize=True, sample_weight=None):
+        return {"accuracy": accuracy(predictions, references, normalize=normalize, sample_weight=sample_weight)}

@@ -7,6 +7,7 @@ Load it offline with `evaluate.load(pmoe.evaluate_module_path("continual_learnin
 import datasets
 import evaluate
 
+from pmoe import evaluate_support  # a module, not the class: evaluate loads the first Metric class it finds
 from pmoe.metrics import continual_metrics
 
 
@@ -68,7 +69,7 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class ContinualLearning(evaluate.Metric):
+class ContinualLearning(evaluate_support.PMoEMetric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -78,20 +79,5 @@ class ContinualLearning(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/1706.08840", "https://arxiv.org/abs/1801.10112"],
         )
 
-    def compute(self, **kwargs):
-        """Compute the metrics (see the inputs description); a bad matrix or baseline raises `ValueError`."""
-        # `evaluate` only releases its cache file and lock when `_compute` returns: an exception raised inside would
-        # leave them held (and the next `compute` waits a second for the lock), so it is raised here, after cleanup.
-        self._error = None
-        result = super().compute(**kwargs)
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-        return result
-
-    def _compute(self, accuracies, baseline=None):
-        try:
-            return continual_metrics([list(row) for row in accuracies], baseline)
-        except ValueError as error:
-            self._error = error
-            return None
+    def _score(self, accuracies, baseline=None):
+        return continual_metrics([list(row) for row in accuracies], baseline)

@@ -6,6 +6,7 @@ Load it offline with `evaluate.load(pmoe.evaluate_module_path("rouge_l"))`. The 
 import datasets
 import evaluate
 
+from pmoe import evaluate_support  # a module, not the class: evaluate loads the first Metric class it finds
 from pmoe.metrics import rouge_l
 
 
@@ -43,7 +44,7 @@ Examples:
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class RougeL(evaluate.Metric):
+class RougeL(evaluate_support.PMoEMetric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
@@ -55,5 +56,5 @@ class RougeL(evaluate.Metric):
             reference_urls=["https://aclanthology.org/W04-1013/"],
         )
 
-    def _compute(self, predictions, references, normalize=False):
+    def _score(self, predictions, references, normalize=False):
         return {"rougeL": rouge_l(predictions, references, normalize=normalize)}
