@@ -240,7 +240,7 @@ def test_router_temperature_sharpens_gates():
     with torch.no_grad():
         router.experts[0].key.normal_()
     hidden = torch.randn(1, 3, 32)
-    logits, _ = router(router.features(hidden, None))
+    logits, _ = router(router.features(hidden, None)[0])
     features = F.rms_norm(hidden, (32,), eps=model.config.rms_norm_eps)
     torch.testing.assert_close(logits[..., 0], (features @ router.experts[0].key) / 0.1)
 

@@ -241,6 +241,29 @@ def test_import_refuses_a_taken_task_name_and_a_missing_folder(tmp_path):
     assert model.config.num_experts == 1
 
 
+def test_pickle_adapter_weights_are_refused_before_growing(tmp_path):
+    dense = make_dense("llama")
+    adapter = save_peft_adapter(dense, tmp_path / "adapter")
+    # The same adapter as older PEFT (or safe_serialization=False) writes it: adapter_model.bin, a pickle.
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    model = converted(dense)
+    model.add_expert("old")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    message = (r"adapter_model\.bin'?, a pickle file: pmoe loads adapter weights only from adapter_model\.safetensors, "
+               r"because unpickling can run code\. .*PeftModel\.from_pretrained.*save_pretrained")
+    with pytest.raises(ValueError, match=message):
+        import_peft_adapter(model, adapter, "imported")
+    assert model.config.num_experts == 1 and model.config.expert_tasks == ["old"]
+    assert model.training_expert == 0
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    # With the safetensors file next to it (as PEFT converts it), the pickle is ignored and the import works.
+    save_file(torch.load(adapter / "adapter_model.bin", weights_only=True), adapter / "adapter_model.safetensors")
+    assert import_peft_adapter(model, adapter, "imported") == 1
+
+
 # ------------------------------------------------------------------------------------------------- PEFT on a PMoE model
 def test_peft_lora_on_a_pmoe_model_trains_only_its_own_params_and_keeps_the_gates(tmp_path):
     dense = make_dense("llama")

@@ -161,7 +161,7 @@ def test_router_can_read_an_earlier_layer():
     with torch.no_grad():
         out = model(input_ids=input_ids, output_router_logits=True)
         embeddings = model.model.embed_tokens(input_ids)
-        expected, _ = model.model.routers[0](model.model.routers[0].features(embeddings, None))
+        expected, _ = model.model.routers[0](model.model.routers[0].features(embeddings, None)[0])
     torch.testing.assert_close(out.router_logits[0], expected.reshape(-1, 2))
     with pytest.raises(ValueError, match=r"PMoEConfig.router_input_layer must be an integer in \[0, num_shallow_layers\]"):
         make_pmoe(router_input_layer=3)

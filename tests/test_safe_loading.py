@@ -134,7 +134,9 @@ ALLOWED_OS_USES = {
     ("modeling_pmoe.py", "os.path.join"): {"push_to_hub"},
 }
 ALLOWED_IMPORTS = {
-    "modeling_pmoe.py": {"copy", "math", "os", "tempfile", "dataclasses", "collections.abc", "torch", "transformers"},
+    "modeling_pmoe.py": {
+        "contextlib", "copy", "inspect", "math", "os", "tempfile", "dataclasses", "collections.abc", "torch", "transformers",
+    },
     "configuration_pmoe.py": {"copy", "transformers"},
 }
 # transformers.utils.hub (network) may be imported only where the Hub is the point, i.e. when the user calls these.

@@ -8,9 +8,9 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from pmoe import PMoEContinualCallback, PMoEForCausalLM, schedule_from_task_column
+from pmoe import PMoEContinualCallback, PMoEForCausalLM, PMoEForSequenceClassification, schedule_from_task_column
 
-from conftest import TINY, make_dense, make_pmoe
+from conftest import TINY, make_dense, make_pmoe, tiny_pmoe_config
 
 
 def task_dataset(task: int, examples: int = 16, length: int = 12) -> Dataset:
@@ -90,11 +90,13 @@ def test_start_task_before_each_trainer(tmp_path):
 
 class SnapshotAtStep(TrainerCallback):
     def __init__(self, step, model):
-        self.step, self.model, self.saved = step, model, None
+        self.step, self.model, self.saved, self.saved_head = step, model, None, None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             self.saved = snapshot(self.model.expert_tensors(0))
+            if hasattr(self.model, "score"):  # a classifier's task head
+                self.saved_head = self.model.score.weight.detach().clone()
 
 
 def test_one_run_over_a_task_schedule(tmp_path):
@@ -174,6 +176,85 @@ def test_resume_after_a_boundary_ends_like_an_uninterrupted_run(tmp_path):
 
     resumed = run(tmp_path / "resumed", PMoEForCausalLM.from_pretrained(checkpoint), resume=str(checkpoint))
     assert resumed.config.expert_tasks == uninterrupted.config.expert_tasks
+    assert resumed.config.expert_train_steps == [4, 4]
+    expected = uninterrupted.state_dict()
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+# ------------------------------------------------------------------------------------------- task heads
+def classification_dataset(task: int, examples: int = 16, length: int = 8) -> Dataset:
+    """A toy task: is the first token in the low or high half of the task's own 8 tokens?"""
+    generator = torch.Generator().manual_seed(task)
+    low = 3 + task * 20
+    input_ids = torch.randint(low, low + 8, (examples, length), generator=generator)
+    return Dataset.from_dict({
+        "input_ids": input_ids.tolist(),
+        "attention_mask": torch.ones_like(input_ids).tolist(),
+        "labels": (input_ids[:, 0] >= low + 4).long().tolist(),
+    })
+
+
+def make_classifier(**overrides):
+    torch.manual_seed(0)
+    return PMoEForSequenceClassification(tiny_pmoe_config(num_labels=2, **overrides)).eval()
+
+
+def trainable(model):
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+@pytest.mark.parametrize("train_base_weights", [False, True])
+def test_resumed_task_trains_what_add_expert_trains_task_head_included(tmp_path, train_base_weights):
+    grown = make_classifier(train_base_weights=train_base_weights)
+    grown.add_expert("a")
+    grown.add_expert("b")
+    expected = trainable(grown)
+    assert "score.weight" in expected
+    grown.save_pretrained(tmp_path / "checkpoint")
+
+    # One Trainer per task: start_task re-activates the interrupted task's expert.
+    resumed = PMoEForSequenceClassification.from_pretrained(tmp_path / "checkpoint")
+    assert PMoEContinualCallback().start_task(resumed, "b") == 1
+    assert trainable(resumed) == expected
+
+    # task_schedule: the Trainer's optimizer is rebuilt with every expert of the run, then the finished ones freeze.
+    resumed = PMoEForSequenceClassification.from_pretrained(tmp_path / "checkpoint")
+    trainer = Trainer(resumed, training_args(tmp_path / "out", max_steps=8), train_dataset=classification_dataset(0),
+                      callbacks=[PMoEContinualCallback(task_schedule=[("a", 4), ("b", 4)])])
+    assert trainable(resumed) == expected | set(resumed.expert_parameters(0))
+    trainer.state.global_step = 4  # resumed after the boundary
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    assert trainable(resumed) == expected
+
+
+def test_classifier_head_trains_over_a_task_schedule_and_resumes_like_an_uninterrupted_run(tmp_path):
+    data = concatenate_datasets([classification_dataset(0), classification_dataset(1)])
+    schedule = [("task-0", 4), ("task-1", 4)]
+
+    def run(output_dir, model, resume=None):
+        args = training_args(output_dir, max_steps=8, train_sampling_strategy="sequential",
+                             save_strategy="steps", save_steps=6)
+        probe = SnapshotAtStep(4, model)
+        trainer = Trainer(model, args, train_dataset=data,
+                          callbacks=[PMoEContinualCallback(task_schedule=schedule), probe])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, probe
+
+    model = make_classifier()
+    initial = model.score.weight.detach().clone()
+    base = {name: tensor for name, tensor in snapshot(model.base_parameters()).items() if name != "score.weight"}
+    uninterrupted, probe = run(tmp_path / "full", model)
+    # The head trains during both tasks (as with one Trainer per task), the other base weights stay frozen.
+    at_boundary = probe.saved_head
+    assert not torch.equal(at_boundary, initial)
+    assert not torch.equal(uninterrupted.score.weight, at_boundary)
+    assert_identical({name: tensor for name, tensor in uninterrupted.base_parameters().items()
+                      if name != "score.weight"}, base)
+
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    resumed, _ = run(tmp_path / "resumed", PMoEForSequenceClassification.from_pretrained(checkpoint),
+                     resume=str(checkpoint))
     assert resumed.config.expert_train_steps == [4, 4]
     expected = uninterrupted.state_dict()
     for name, tensor in resumed.state_dict().items():

@@ -11,7 +11,9 @@ This file is shipped inside every checkpoint as remote code: it imports only tor
 `configuration_pmoe`.
 """
 
+import contextlib
 import copy
+import inspect
 import math
 import os
 import tempfile
@@ -26,7 +28,11 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
@@ -48,7 +54,44 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_pmoe import SUPPORTED_DENSE_ARCHITECTURES, PMoEConfig
 
 
+try:  # the context that `capture_outputs` records into (transformers 5.23 and 5.24)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # a later transformers: the pre-pass may then appear in output_hidden_states
+    _active_collector = None
+
+
 logger = logging.get_logger(__name__)
+
+
+# ------------------------------------------------------------------------------------ transformers versions
+# transformers 5.24 renamed the KV cache argument of model forwards, masks, decoder layers and model outputs from
+# `past_key_values` to `cache` (the old name is a deprecated alias until 5.40). This file ships inside checkpoints and
+# outlives the transformers release that wrote it, so it follows the installed version: every call into transformers
+# and every output uses `CACHE_KWARG`, and PMoE's forwards accept both names. The next rename is this line.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def one_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache a forward was given under either name (`cache` from transformers 5.24, `past_key_values` before)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None and cache is not past_key_values:
+        raise ValueError("Got two different KV caches, `cache` and `past_key_values`: pass one (they are the same argument).")
+    return past_key_values
+
+
+@contextlib.contextmanager
+def outputs_not_captured():
+    """Run modules without `capture_outputs` recording them (the expert-free pre-pass is not one of the model's layers
+    as far as `output_hidden_states` / `output_attentions` are concerned)."""
+    if _active_collector is None:
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
 
 
 class PMoERMSNorm(LlamaRMSNorm):
@@ -238,15 +281,34 @@ class PMoERouter(nn.Module):
             self._log_stats["load"] = torch.cat([self._log_stats["load"], self._log_stats["load"].new_zeros(1)])
         return entry
 
-    def features(self, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None) -> torch.Tensor:
+    def features(
+        self, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Routing features `[B, G, H]` and which of them are real (`[B, G]` bool; `None`: all).
+
+        Token routing: one per token (G = T; padding is not real). Sequence routing: the mean over the routing mask,
+        one per row (G = 1), or one per packed sequence when `sequence_ids` (`[B, T]`, as transformers'
+        `find_packed_sequence_indices`) says a row holds several (G = sequences in the fullest row); a row with no
+        routing token is not real (its feature is 0), nor are the missing sequences of rows that hold fewer.
+        """
         # Routing in float32, so gates stay stable in bf16 runs too.
         features = F.rms_norm(hidden_states.float(), (self.hidden_size,), eps=self.eps)
         if self.config.routing != "sequence":
-            return features
+            return features, None if routing_mask is None else routing_mask.bool()
+        if sequence_ids is not None:
+            membership = F.one_hot(sequence_ids, int(sequence_ids.max()) + 1).to(features.dtype)  # [B, T, G]
+            if routing_mask is not None:
+                # A packed sequence without routing tokens (no prompt label) routes from all its tokens, as a row does.
+                routed = membership * routing_mask.to(features.dtype)[..., None]
+                membership = torch.where(routed.sum(dim=1, keepdim=True) > 0, routed, membership)
+            counts = membership.sum(dim=1)  # [B, G]
+            pooled = membership.transpose(1, 2) @ features / counts.clamp_min(1.0)[..., None]
+            return pooled, counts > 0
         if routing_mask is None:
-            return features.mean(dim=1, keepdim=True)
+            return features.mean(dim=1, keepdim=True), None
         weights = routing_mask.to(features.dtype).unsqueeze(-1)
-        return (features * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        pooled = (features * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return pooled, routing_mask.bool().any(dim=1, keepdim=True)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.config.router_keys == "learned":
@@ -536,7 +598,7 @@ class PMoEAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         expert_gates: torch.Tensor | None = None,
         active_experts: tuple[int, ...] | None = None,
         **kwargs,
@@ -554,8 +616,8 @@ class PMoEAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -591,7 +653,6 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
         expert_gates: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         active_experts: tuple[int, ...] | None = None,
@@ -599,13 +660,15 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         # The gates arrive as an argument, not module state, so gradient checkpointing recomputes with the same ones;
         # positional, so that reentrant checkpointing also carries their gradient back to the router.
+        # The cache arrives under transformers' own name, which `GradientCheckpointingLayer` clears when checkpointing.
+        cache = kwargs.pop(CACHE_KWARG, None)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             expert_gates=expert_gates,
@@ -627,7 +690,7 @@ class PMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PMoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -1094,33 +1157,73 @@ class PMoEModel(PMoEPreTrainedModel):
 
         self.post_init()
 
-    def _route(self, router: PMoERouter, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None):
+    def _route(
+        self, router: PMoERouter, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None,
+        sequence_ids: torch.Tensor | None = None,
+    ):
         """Gates `[B, T or 1, E]` and logits from one router. While training a Gaussian-keyed expert, its task's
-        batches go to it, and their features fit its key; the log window records what the router itself decided."""
+        batches go to it, and their features fit its key; the log window records what the router itself decided.
+        Packed rows (`sequence_ids`) are routed sequence by sequence; each token gets its own sequence's gate."""
         if routing_mask is not None and routing_mask.shape[1] != hidden_states.shape[1]:
             routing_mask = routing_mask[:, -hidden_states.shape[1] :]  # a 2D mask over cached + current tokens
-        features = router.features(hidden_states, routing_mask)
+        # `real`: the features that stand for real tokens / sequences; a row of padding only (mean feature 0) must
+        # not fit a Gaussian key, count as load or enter the logs.
+        features, real = router.features(hidden_states, routing_mask, sequence_ids)
         logits, gates = router(features, routing_mask)
         forced = self._training_expert if self.training and self.config.router_keys == "gaussian" else None
         if self.training:
-            rows = None
-            if routing_mask is not None:
-                # Token routing: the real tokens. Sequence routing: the rows with a routing token; a row of padding
-                # only (mean feature 0) must not fit a Gaussian key, count as load or enter the logs.
-                rows = routing_mask.bool() if self.config.routing != "sequence" else routing_mask.bool().any(dim=1)
             if forced is not None:
                 selected = features.reshape(-1, features.shape[-1])
-                router.experts[forced].accumulate(selected if rows is None else selected[rows.reshape(-1)])
-            router.record(gates, rows, forced)
+                router.experts[forced].accumulate(selected if real is None else selected[real.reshape(-1)])
+            router.record(gates, real, forced)
         if forced is not None:
             gates = F.one_hot(torch.full(gates.shape[:-1], forced, device=gates.device), gates.shape[-1]).float()
         if self.training:
             with torch.no_grad():
                 applied = gates.reshape(-1, gates.shape[-1])
-                if rows is not None:
-                    applied = applied[rows.reshape(-1)]
+                if real is not None:
+                    applied = applied[real.reshape(-1)]
                 router.usage += applied.sum(0).float()
+        if sequence_ids is not None:
+            gates = gates.gather(1, sequence_ids[..., None].expand(-1, -1, gates.shape[-1]))
         return gates.to(hidden_states.dtype), logits
+
+    def _carried_gate(self, cache: Cache | None, routing_weights: torch.Tensor | None, batch_size: int):
+        """Sequence routing: the gate given, else the one the cache carries from the prompt that filled it.
+
+        The gate belongs to the sequence and is computed once, from the prompt; a forward that continues from a
+        cache (generate from a returned cache, assisted decoding, a manual decode loop) reuses it, so its tokens are
+        those of one uninterrupted `generate`. Pass `routing_weights` to route otherwise."""
+        if routing_weights is not None or cache is None:
+            return routing_weights
+        carried = getattr(cache, "pmoe_routing_weights", None)
+        if carried is None or carried.shape != (batch_size, self.config.num_experts) or cache.get_seq_length() == 0:
+            return None  # a fresh (or reset) cache: this forward is the prompt
+        return carried
+
+    def _shallow_prepass(self, hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs):
+        """`expert_layers="all"`: the hidden state leaving the shallow block in a first pass without experts, so the
+        gate never depends on the experts it selects. It reads and writes no cache (only the current tokens), and it
+        is not part of the model's outputs (`output_hidden_states` / `output_attentions`)."""
+        config = self.config
+        # `generate` passes the prompt's 2D mask as `routing_mask` when it pre-builds 4D masks (static caches).
+        padding_mask = routing_mask if isinstance(attention_mask, dict) else attention_mask
+        if isinstance(attention_mask, dict) and routing_mask is None:
+            raise ValueError(
+                "expert_layers='all' computes its gate from an expert-free shallow pass, which needs the 2D "
+                "attention mask: pass it as `routing_mask` when `attention_mask` is a dict of prebuilt masks."
+            )
+        length = hidden_states.shape[1]
+        if isinstance(padding_mask, torch.Tensor) and padding_mask.dim() == 2 and padding_mask.shape[1] != length:
+            padding_mask = padding_mask[:, -length:]  # continuing from a cache: the mask also covers cached tokens
+        masks = self._causal_masks({**mask_kwargs, "attention_mask": padding_mask, CACHE_KWARG: None})
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.router_keys == "learned"), outputs_not_captured():
+            for layer_idx in range(config.router_input_layer):
+                hidden_states = self.layers[layer_idx](
+                    hidden_states, None, attention_mask=masks[config.layer_types[layer_idx]], use_cache=False,
+                    **layer_kwargs,
+                )
+        return hidden_states
 
     @merge_with_config_defaults
     @capture_outputs
@@ -1129,36 +1232,51 @@ class PMoEModel(PMoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         routing_weights: torch.Tensor | None = None,
         routing_mask: torch.Tensor | None = None,
         compute_old_model: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> PMoEModelOutputWithPast:
         r"""
+        cache / past_key_values (`Cache`, *optional*):
+            The KV cache, under either name (transformers >= 5.24 calls it `cache`). With sequence routing it also
+            carries the gate of the prompt that filled it, which a forward continuing from it reuses.
         routing_weights (`torch.FloatTensor` of shape `(batch_size, num_experts)`, *optional*):
             Sequence routing: use these gates instead of computing them (what `generate` passes at decode steps).
         routing_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             Sequence routing: the tokens whose mean feature routes the sequence (the prompt). Defaults to the 2D
-            attention mask, or every token.
+            attention mask, or every token. Packed rows (`position_ids` restarting, no `attention_mask`, as
+            `DataCollatorWithFlattening` gives) route each packed sequence from its own tokens.
         compute_old_model (`bool`, defaults to `False`):
             Also return `old_last_hidden_state`: the same model with `training_expert` (and later experts) masked out
             of routing, computed without gradients and without a copy of the model: the layers before the first
             expert layer are shared, the expert layers run a second time (Lifelong-MoE distillation).
         """
+        cache = one_cache_argument(cache, past_key_values)
         check_model_inputs(
             self.config, self.embed_tokens.num_embeddings, input_ids, inputs_embeds, attention_mask, routing_weights,
-            routing_mask, has_cache=past_key_values is not None,
+            routing_mask, has_cache=cache is not None,
         )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        config = self.config
+        has_experts = config.num_experts > 0
+        sequence_routing = has_experts and config.routing == "sequence"
+        # Packed rows, detected as transformers' masks detect them (given positions, no 2D mask, no cache).
+        sequence_ids = None
+        if sequence_routing and position_ids is not None and attention_mask is None and cache is None:
+            sequence_ids = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+        if sequence_routing:
+            routing_weights = self._carried_gate(cache, routing_weights, inputs_embeds.shape[0])
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -1166,7 +1284,7 @@ class PMoEModel(PMoEPreTrainedModel):
             "config": self.config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            CACHE_KWARG: cache,
             "position_ids": position_ids,
         }
         # `generate` may pass the masks already built, one per layer type (static caches, compiled generation).
@@ -1179,33 +1297,14 @@ class PMoEModel(PMoEPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         layer_kwargs = dict(position_embeddings=position_embeddings, position_ids=position_ids, **kwargs)
 
-        config = self.config
-        has_experts = config.num_experts > 0
-        sequence_routing = has_experts and config.routing == "sequence"
         first_deep = config.num_shallow_layers
         expert_gates = None
         router_logits = ()
         if sequence_routing and routing_weights is not None:  # shape and values checked by check_model_inputs
             expert_gates = routing_weights[:, None, :].to(inputs_embeds.dtype)
         elif sequence_routing and config.expert_layers == "all":
-            # Shallow experts: the gate comes from a first pass through the shallow block without experts, so it
-            # never depends on the experts it selects. It writes no cache; the main pass below does.
-            # `generate` passes the prompt's 2D mask as `routing_mask` when it pre-builds 4D masks (static caches).
-            padding_mask = routing_mask if isinstance(attention_mask, dict) else attention_mask
-            if isinstance(attention_mask, dict) and routing_mask is None:
-                raise ValueError(
-                    "expert_layers='all' computes its gate from an expert-free shallow pass, which needs the 2D "
-                    "attention mask: pass it as `routing_mask` when `attention_mask` is a dict of prebuilt masks."
-                )
-            boundary = inputs_embeds
-            prepass_masks = self._causal_masks({**mask_kwargs, "attention_mask": padding_mask, "past_key_values": None})
-            with torch.set_grad_enabled(torch.is_grad_enabled() and config.router_keys == "learned"):
-                for layer_idx in range(config.router_input_layer):
-                    boundary = self.layers[layer_idx](
-                        boundary, None, attention_mask=prepass_masks[config.layer_types[layer_idx]],
-                        past_key_values=None, use_cache=False, **layer_kwargs,
-                    )
-            expert_gates, logits = self._route(self.routers[0], boundary, routing_mask)
+            boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
+            expert_gates, logits = self._route(self.routers[0], boundary, routing_mask, sequence_ids)
             router_logits += (logits.reshape(-1, logits.shape[-1]),)
 
         first_expert_layer = config.expert_layer_indices[0]
@@ -1215,11 +1314,13 @@ class PMoEModel(PMoEPreTrainedModel):
             if compute_old_model and layer_idx == first_expert_layer:
                 old_model_input = hidden_states
             if has_experts and layer_idx == config.router_input_layer and expert_gates is None:
-                expert_gates, logits = self._route(self.routers[0], hidden_states, routing_mask)
+                expert_gates, logits = self._route(self.routers[0], hidden_states, routing_mask, sequence_ids)
                 router_logits += (logits.reshape(-1, logits.shape[-1]),)
             if has_experts and layer_idx > first_deep:
                 if config.router_per_layer:
-                    expert_gates, logits = self._route(self.routers[layer_idx - first_deep], hidden_states, routing_mask)
+                    expert_gates, logits = self._route(
+                        self.routers[layer_idx - first_deep], hidden_states, routing_mask, sequence_ids
+                    )
                     router_logits += (logits.reshape(-1, logits.shape[-1]),)
             if expert_gates is not active_for:
                 active_for, active_experts = expert_gates, active_expert_indices(expert_gates)
@@ -1227,9 +1328,9 @@ class PMoEModel(PMoEPreTrainedModel):
                 hidden_states,
                 expert_gates if decoder_layer.has_experts else None,
                 attention_mask=causal_masks[config.layer_types[layer_idx]],
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 active_experts=active_experts,
+                **{CACHE_KWARG: cache},
                 **layer_kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -1240,13 +1341,19 @@ class PMoEModel(PMoEPreTrainedModel):
                 old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs
             )
 
+        # With sequence routing, each sequence's gate: returned for `generate` to feed back, and carried by the cache.
+        sequence_gates = None
+        if sequence_routing and expert_gates is not None and sequence_ids is None:
+            sequence_gates = expert_gates[:, 0, :].float()
+            if use_cache and cache is not None:
+                cache.pmoe_routing_weights = sequence_gates
         output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         return PMoEModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             router_logits=router_logits if output_router_logits and has_experts else None,
-            routing_weights=expert_gates[:, 0, :].float() if sequence_routing and expert_gates is not None else None,
+            routing_weights=sequence_gates,
             old_last_hidden_state=old_last_hidden_state,
+            **{CACHE_KWARG: cache if use_cache else None},
         )
 
     @torch.no_grad()
@@ -1266,7 +1373,7 @@ class PMoEModel(PMoEPreTrainedModel):
             layer = self.layers[layer_idx]
             hidden_states = layer(
                 hidden_states, old_gates if layer.has_experts else None,
-                attention_mask=causal_masks[config.layer_types[layer_idx]], past_key_values=None, use_cache=False,
+                attention_mask=causal_masks[config.layer_types[layer_idx]], use_cache=False,
                 active_experts=active_experts, **layer_kwargs,
             )
         return self.norm(hidden_states)
@@ -1461,7 +1568,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -1469,9 +1576,14 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         routing_weights: torch.Tensor | None = None,
         routing_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> PMoECausalLMOutputWithPast:
         r"""
+        cache / past_key_values (`Cache`, *optional*):
+            The KV cache, under either name (transformers >= 5.24 calls it `cache`, earlier releases
+            `past_key_values`). With sequence routing it carries the prompt's gate too: a forward or `generate` that
+            continues from it routes as the prompt did.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Language modeling labels; `-100` is ignored.
         output_router_logits (`bool`, *optional*):
@@ -1495,20 +1607,21 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        cache = one_cache_argument(cache, past_key_values)
         if routing_mask is None and labels is not None and self.config.routing == "sequence":
             given = input_ids if input_ids is not None else inputs_embeds
             if given is not None and given.dim() >= 2 and labels.shape != given.shape[:2]:
                 raise ValueError(
                     f"labels has shape {tuple(labels.shape)} but the input is {tuple(given.shape[:2])}: they must match."
                 )
-            check_attention_mask(attention_mask, labels.shape[0], labels.shape[1], has_cache=past_key_values is not None)
+            check_attention_mask(attention_mask, labels.shape[0], labels.shape[1], has_cache=cache is not None)
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
         distill = self.training and labels is not None and self.config.distillation_alpha > 0
         outputs: PMoEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -1550,12 +1663,12 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             routing_weights=outputs.routing_weights,
             distillation_loss=distillation_loss,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
 
     def generate(self, inputs=None, *args, **kwargs):
@@ -1566,19 +1679,27 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
                 check_not_empty(prompt, name)
         return super().generate(inputs, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
+        # `inputs_embeds` is named so that `generate` knows it may start from embeddings; the cache arrives in
+        # **kwargs under the installed transformers' name and goes on to it unchanged.
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
         # Sequence routing at prefill: keep the prompt's 2D mask for the router, since `generate` replaces
-        # `attention_mask` with prebuilt 4D masks for static caches (which would route padding too).
+        # `attention_mask` with prebuilt 4D masks for static caches (which would route padding too). Without a 2D
+        # mask there is no padding: every token routes.
         if (
             self.config.routing == "sequence"
             and kwargs.get("routing_weights") is None
             and kwargs.get("routing_mask") is None
-            and isinstance(attention_mask, torch.Tensor)
-            and attention_mask.dim() == 2
             and isinstance(model_inputs.get("attention_mask"), dict)
         ):
-            model_inputs["routing_mask"] = attention_mask
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+                model_inputs["routing_mask"] = attention_mask
+            elif attention_mask is None:
+                given = model_inputs.get("input_ids")
+                given = model_inputs.get("inputs_embeds") if given is None else given
+                model_inputs["routing_mask"] = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):

@@ -164,10 +164,15 @@ def _load_adapter_state_dict(adapter_path: str) -> dict[str, torch.Tensor]:
         return load_file(safetensors_file)
     bin_file = os.path.join(adapter_path, BIN_WEIGHTS_NAME)
     if os.path.isfile(bin_file):
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"No adapter weights in {adapter_path!r}: expected {SAFETENSORS_WEIGHTS_NAME} (or {BIN_WEIGHTS_NAME})."
-    )
+        # Same rule as PMoEPreTrainedModel.from_pretrained: safetensors only, never unpickle (not even weights_only,
+        # whose restricted unpickler has had bypasses, CVE-2025-32434). peft.utils.load_peft_weights would unpickle.
+        raise ValueError(
+            f"The PEFT adapter {adapter_path!r} has its weights in {bin_file!r}, a pickle file: pmoe loads adapter "
+            f"weights only from {SAFETENSORS_WEIGHTS_NAME}, because unpickling can run code. If you trust the "
+            "adapter, convert it with PEFT (`peft.PeftModel.from_pretrained(dense_model, adapter_path)"
+            ".save_pretrained(new_path)` writes adapter_model.safetensors) and import `new_path`."
+        )
+    raise FileNotFoundError(f"No adapter weights in {adapter_path!r}: expected {SAFETENSORS_WEIGHTS_NAME}.")
 
 
 def _check_lora_config(lora_config, config, problems: list[str]):
@@ -304,12 +309,14 @@ def import_peft_adapter(
 ) -> int:
     """Grow a new expert for `task` from a PEFT LoRA adapter of the dense base model; return its index.
 
-    `adapter_path` is a local folder with `adapter_config.json` and `adapter_model.safetensors` (or `.bin`), as
-    `PeftModel.save_pretrained` writes, for the dense model this PMoE model was converted from. Every check runs
-    before the expert is added, so a refused adapter leaves the model unchanged. The adapter is refused (`ValueError`
-    naming the problem) when it is not a LoRA; uses DoRA or another LoRA variant, `bias != "none"`,
-    `modules_to_save`, or a base-modifying initialisation (PiSSA, LoftQ, ... unconverted); targets embeddings / the
-    LM head, a projection outside `config.expert_target_modules`, or a layer without experts (the shallow layers when
+    `adapter_path` is a local folder with `adapter_config.json` and `adapter_model.safetensors`, as
+    `PeftModel.save_pretrained` writes, for the dense model this PMoE model was converted from. A pickle
+    `adapter_model.bin` (older PEFT, `safe_serialization=False`) is refused with a `ValueError`, since unpickling can
+    run code: convert a trusted one by loading it with PEFT and saving it again (safetensors by default). Every check
+    runs before the expert is added, so a refused adapter leaves the model unchanged. The adapter is refused
+    (`ValueError` naming the problem) when it is not a LoRA; uses DoRA or another LoRA variant, `bias != "none"`,
+    `modules_to_save`, or a base-modifying initialisation (PiSSA, LoftQ, ... unconverted); targets embeddings / the LM
+    head, a projection outside `config.expert_target_modules`, or a layer without experts (the shallow layers when
     `expert_layers="deep"`); or has a rank above `config.expert_rank`.
 
     Rank and scale: a module of rank `r_a < expert_rank` is zero-padded (extra rows of A and columns of B are 0, so

@@ -221,12 +221,17 @@ class PMoEContinualCallback(TrainerCallback):
 
     @staticmethod
     def _activate(pmoe_model, index, trainable_experts=None):
-        """Only expert `index` (or `trainable_experts`) and, if configured, the base weights require grad."""
+        """Only expert `index` (or `trainable_experts`), the model's task heads and, if configured, the base weights
+        require grad: what `add_expert` leaves trainable, so a resumed task trains the same parameters."""
         trainable = {index} if trainable_experts is None else set(trainable_experts)
         for expert in range(pmoe_model.config.num_experts):
             pmoe_model.freeze_experts([expert], frozen=expert not in trainable)
         for param in pmoe_model.base_parameters().values():
             param.requires_grad_(pmoe_model.config.train_base_weights)
+        # The heads add_expert keeps trainable (the classifier's `score`). Read from the model, as add_expert does, so
+        # the policy lives in one place; getattr because remote code from an older checkpoint may lack the attribute.
+        for name in getattr(pmoe_model, "_trainable_task_heads", ()):
+            getattr(pmoe_model, name).requires_grad_(True)
         pmoe_model.training_expert = index
 
     def _schedule_position(self, step: int) -> int:
