@@ -200,6 +200,35 @@ def test_info_reads_router_statistics_without_loading_weights(trained_checkpoint
     assert "75.0%" in out and "25.0%" in out and "key fitted on (sequences)" in out and "not recorded" in out
 
 
+def test_info_shows_the_versions_recorded_in_config_json(trained_checkpoint, tmp_path, capsys):
+    import transformers
+
+    folder, _ = trained_checkpoint
+    code, out, _ = run_cli(capsys, "info", str(folder), "--json")
+    summary = json.loads(out)
+    assert code == 0
+    assert summary["pmoe_version"] == pmoe.__version__
+    assert summary["transformers_version"] == transformers.__version__
+    code, out, _ = run_cli(capsys, "info", str(folder))
+    assert f"saved by        pmoe {pmoe.__version__}, transformers {transformers.__version__}" in out
+
+    # An older checkpoint: written by another pmoe, or before pmoe recorded its version; transformers' too.
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    config = json.loads((old / "config.json").read_text())
+    config["pmoe_version"] = "0.0.9"
+    (old / "config.json").write_text(json.dumps(config))
+    code, out, _ = run_cli(capsys, "info", str(old))
+    assert code == 0 and f"saved by        pmoe 0.0.9, transformers {transformers.__version__}" in out
+    del config["pmoe_version"], config["transformers_version"]
+    (old / "config.json").write_text(json.dumps(config))
+    code, out, _ = run_cli(capsys, "info", str(old), "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["pmoe_version"] is None and summary["transformers_version"] is None
+    code, out, _ = run_cli(capsys, "info", str(old))
+    assert "saved by        pmoe version not recorded, transformers version not recorded" in out
+
+
 # ------------------------------------------------------------------------------------------------ report
 DEMO_RESULTS = {
     "tasks": ["reverse", "add"],

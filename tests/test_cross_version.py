@@ -17,6 +17,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from pmoe.configuration_pmoe import PMOE_VERSION
+
 from conftest import make_pmoe, padded_batch, randomize_experts
 
 
@@ -83,7 +85,7 @@ def test_checkpoints_load_bit_identically_under_the_other_transformers(tmp_path)
     assert here["transformers"] == transformers.__version__ and there["transformers"] != here["transformers"]
     assert there["experts"] == ["sql", "chat", "code"]
     written = json.loads((tmp_path / "saved-there" / "config.json").read_text())
-    assert written["transformers_version"] == there["transformers"]
+    assert written["transformers_version"] == there["transformers"] and written["pmoe_version"] == PMOE_VERSION
 
     back = run_child(sys.executable, tmp_path / "saved-there", tmp_path / "inputs.safetensors", tmp_path / "back.st")
     assert back["experts"] == ["sql", "chat", "code"]

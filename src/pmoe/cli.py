@@ -386,6 +386,9 @@ def checkpoint_summary(source: str) -> dict:
         })
     return {
         "checkpoint": source,
+        # The versions that wrote config.json (None when not recorded, e.g. pmoe_version by an older pmoe).
+        "pmoe_version": getattr(config, "pmoe_version", None),
+        "transformers_version": getattr(config, "transformers_version", None),
         "architecture": (config.architectures or [type(model).__name__])[0],
         "base_model_type": dense_type,
         "base_architecture": SUPPORTED_DENSE_ARCHITECTURES.get(dense_type),
@@ -429,6 +432,8 @@ def format_info(summary: dict) -> str:
     lines = [
         f"PMoE checkpoint {s['checkpoint']} ({s['architecture']}, {s['dtype'] or 'dtype not recorded'})",
         f"  base model      {base_text}",
+        f"  saved by        pmoe {s['pmoe_version'] or 'version not recorded'}, "
+        f"transformers {s['transformers_version'] or 'version not recorded'}",
         f"  layers          {s['num_hidden_layers']}: {layer_span(shallow)} shallow ({len(shallow)}), "
         f"{layer_span(deep)} deep ({len(deep)}); hidden {s['hidden_size']}, vocab {s['vocab_size']}",
         f"  expert layers   {layer_span(s['expert_layer_indices'])} (expert_layers={s['expert_layers']})",
@@ -743,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = add_command(
         commands, "info", cmd_info, "Describe a PMoE checkpoint: layout, experts, router statistics.",
         "Describe a PMoE checkpoint without loading its weights (only the router statistics are read): the base "
-        "architecture (when recorded by `pmoe convert`), the shallow / deep split, where the experts are, their "
+        "architecture (when recorded by `pmoe convert`), the pmoe and transformers versions that saved it (as "
+        "recorded in config.json), the shallow / deep split, where the experts are, their "
         "targets, rank and alpha, the routing; then one row per expert (task, trainable parameters, training steps, "
         "share of the router's gate mass in training) and, for Gaussian router keys, how many training sequences "
         "(or tokens) each key was fitted on.",

@@ -11,6 +11,10 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 
+# The version of this code, which travels with every checkpoint as remote code: the pmoe package version
+# (`pmoe.__version__`, and pyproject.toml reads it from here) and what `save_pretrained` records in config.json.
+PMOE_VERSION = "0.1.0"
+
 # Bump when the checkpoint layout changes in a way older pmoe versions cannot read.
 PMOE_FORMAT_VERSION = 1
 
@@ -123,10 +127,18 @@ class PMoEConfig(PreTrainedConfig):
       row i holds the score on every task known then, measured after training task i. The model card shows it with
       LA / OP / BWT.
     - `pmoe_format_version` (`int`): checkpoint layout version, checked on load.
+    - `pmoe_version` (`str`, *optional*): the pmoe version that wrote the config.json this config was loaded from,
+      as `transformers_version` records the transformers version. Never set it: saving (`save_pretrained`,
+      `to_json_string`, `to_dict`) always writes the version of the code doing the save (`PMOE_VERSION`), so a
+      checkpoint written by an older pmoe keeps showing that version after `from_pretrained` until it is saved
+      again. `None` for a config built in memory, or loaded from a config.json written before pmoe recorded it.
+      Informative only: compatibility is checked with `pmoe_format_version`.
     """
 
     model_type = "pmoe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output fields the Trainer drops from evaluation outputs: the cache is `past_key_values` up to transformers
+    # 5.23 and `cache` from 5.24.
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     base_model_tp_plan = None
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
@@ -190,6 +202,7 @@ class PMoEConfig(PreTrainedConfig):
     accuracy_matrix: list[list[float | None]] | None = None
     accuracy_metric: str | None = None
     pmoe_format_version: int = PMOE_FORMAT_VERSION
+    pmoe_version: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -364,6 +377,15 @@ class PMoEConfig(PreTrainedConfig):
         ):
             fail("expert_train_steps", f"a list of num_experts={self.num_experts} integers >= 0",
                  self.expert_train_steps)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        """The config as a dictionary, with `pmoe_version` set to the version of this code, as transformers sets
+        `transformers_version`: everything that writes config.json goes through here, so the file records the pmoe
+        that wrote it."""
+        output = super().to_dict()
+        output["pmoe_version"] = PMOE_VERSION
+        return output
 
     # ------------------------------------------------------------------ helpers
     @property
