@@ -255,3 +255,26 @@ def test_no_deprecation_warnings_from_pmoes_own_calls():
         env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "warning"},
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_packed_rows_distil_like_the_padded_batch():
+    """Lifelong-MoE distillation on packed rows: the old model's gate is each packed sequence's, as in training."""
+    model = grown(num_experts=2, expert_layers="all", distillation_alpha=1.0)
+    model.training_expert = 1
+    generator = torch.Generator().manual_seed(5)
+    lengths = [4, 6]
+    sequences = [torch.randint(3, VOCAB, (length,), generator=generator) for length in lengths]
+    padded = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)], mask[row, : len(sequence)] = sequence, 1
+    labels = padded.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # prompts: the first two tokens
+    packed_labels = torch.cat([labels[0, :4], labels[1]])[None]
+    packed = torch.cat(sequences)[None]
+    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+    model.train()
+    reference = model(input_ids=padded, attention_mask=mask, labels=labels, use_cache=False)
+    out = model(input_ids=packed, position_ids=position_ids, labels=packed_labels, use_cache=False)
+    torch.testing.assert_close(out.distillation_loss, reference.distillation_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-4, atol=1e-6)

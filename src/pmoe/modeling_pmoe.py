@@ -1338,7 +1338,7 @@ class PMoEModel(PMoEPreTrainedModel):
         old_last_hidden_state = None
         if compute_old_model:
             old_last_hidden_state = self._old_model_pass(
-                old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs
+                old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs, sequence_ids
             )
 
         # With sequence routing, each sequence's gate: returned for `generate` to feed back, and carried by the cache.
@@ -1357,8 +1357,9 @@ class PMoEModel(PMoEPreTrainedModel):
         )
 
     @torch.no_grad()
-    def _old_model_pass(self, hidden_states, router_logits, start, causal_masks, layer_kwargs):
-        """The expert layers again, with `training_expert` and every later expert masked out of routing."""
+    def _old_model_pass(self, hidden_states, router_logits, start, causal_masks, layer_kwargs, sequence_ids=None):
+        """The expert layers again, with `training_expert` and every later expert masked out of routing (packed rows:
+        each token takes its own sequence's old gate)."""
         config = self.config
         new_expert = self._training_expert  # (PMoEConfig refuses distillation with router_per_layer)
         if new_expert is None or not router_logits:
@@ -1367,6 +1368,8 @@ class PMoEModel(PMoEPreTrainedModel):
             logits = router_logits[0].reshape(hidden_states.shape[0], -1, config.num_experts)
             masked = torch.arange(config.num_experts, device=logits.device) >= new_expert
             old_gates = route(logits.masked_fill(masked, float("-inf")), config.router_activation, config.router_top_k)
+            if sequence_ids is not None:
+                old_gates = old_gates.gather(1, sequence_ids[..., None].expand(-1, -1, old_gates.shape[-1]))
             old_gates = old_gates.to(hidden_states.dtype)
         active_experts = active_expert_indices(old_gates)
         for layer_idx in range(start, config.num_hidden_layers):
