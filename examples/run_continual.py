@@ -44,7 +44,7 @@ class ModelArguments:
     expert_rank: int = field(default=8)
     expert_alpha: float | None = field(default=None, metadata={"help": "Default: 2 * expert_rank."})
     routing: str = field(default="sequence", metadata={"help": "sequence or token."})
-    router_keys: str | None = field(default=None, metadata={"help": "gaussian or learned (default: pmoe's)."})
+    router_keys: str | None = field(default=None, metadata={"help": "gaussian, lda or learned (default: pmoe's)."})
     expert_layers: str | None = field(default=None, metadata={
         "help": "all (experts in every layer) or deep (the paper's asymmetric layout); default: pmoe's (all with "
                 "sequence routing)."})

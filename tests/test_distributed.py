@@ -4,6 +4,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -11,14 +13,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_one_trainer_per_task_under_torchrun_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("router_keys", ["gaussian", "lda"])
+def test_one_trainer_per_task_under_torchrun_on_two_cpu_processes(tmp_path, router_keys):
     script = os.path.join(os.path.dirname(__file__), "distributed", "continual_ddp.py")
     report_path = tmp_path / "report.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()),
-         script, str(report_path)],
+         script, str(report_path), router_keys],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-5000:]

@@ -18,7 +18,7 @@ import textwrap
 
 # Kept here (not imported from the config module) so that `--help` does not import torch.
 CONVERT_ROUTING = ("sequence", "token")
-CONVERT_ROUTER_KEYS = ("gaussian", "learned")
+CONVERT_ROUTER_KEYS = ("gaussian", "lda", "learned")
 EXPERT_LAYERS = ("deep", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Results files `pmoe report` finds in a folder: `pmoe demo`, examples/run_continual.py, benchmarks/continual.py.
@@ -370,7 +370,7 @@ def checkpoint_summary(source: str) -> dict:
     usage_per_router = [router.usage.float().tolist() for router in routers]
     usage = model.expert_usage() if hasattr(model, "expert_usage") else torch.tensor(usage_per_router).sum(0)
     total_usage = float(usage.sum()) if config.num_experts else 0.0
-    gaussian = config.router_keys == "gaussian"
+    fitted_keys = config.router_keys != "learned"  # Gaussian or LDA keys count the samples they were fitted on
     steps = list(getattr(config, "expert_train_steps", None) or [])
     dense_type = getattr(config, "dense_model_type", None)
     experts = []
@@ -382,7 +382,7 @@ def checkpoint_summary(source: str) -> dict:
             "train_steps": steps[index] if index < len(steps) else None,
             "usage": float(usage[index]),
             "usage_share": float(usage[index]) / total_usage if total_usage > 0 else None,
-            "key_samples": [float(router.experts[index].count) for router in routers] if gaussian else None,
+            "key_samples": [float(router.experts[index].count) for router in routers] if fitted_keys else None,
         })
     return {
         "checkpoint": source,
@@ -407,6 +407,8 @@ def checkpoint_summary(source: str) -> dict:
         "routing": config.routing,
         "router_keys": config.router_keys,
         "router_activation": config.router_activation,
+        # LDA keys: the size of the (projected) feature they are fitted on; each key holds size * size float64 numbers.
+        "router_feature_size": getattr(config, "router_feature_size", None) if config.router_keys == "lda" else None,
         "router_top_k": config.router_top_k or None,
         "router_input_layer": config.router_input_layer,
         "num_routers": len(routers),
@@ -417,7 +419,7 @@ def checkpoint_summary(source: str) -> dict:
         "router": {
             "usage_total": total_usage,
             "usage_per_router": usage_per_router,
-            "key_sample_unit": ("tokens" if config.routing == "token" else "sequences") if gaussian else None,
+            "key_sample_unit": ("tokens" if config.routing == "token" else "sequences") if fitted_keys else None,
         },
     }
 
@@ -439,8 +441,9 @@ def format_info(summary: dict) -> str:
         f"  expert layers   {layer_span(s['expert_layer_indices'])} (expert_layers={s['expert_layers']})",
         f"  targets         {', '.join(s['expert_target_modules'])}",
         f"  LoRA            rank {s['expert_rank']}, alpha {s['expert_alpha']:g} (scale {s['expert_scaling']:g})",
-        f"  routing         {s['routing']}, {s['router_keys']} keys, {s['router_activation']}, {top_k}; "
-        f"{s['num_routers']} router(s) reading layer {s['router_input_layer']}",
+        f"  routing         {s['routing']}, {s['router_keys']} keys"
+        + (f" on a {s['router_feature_size']}-dim feature" if s.get("router_feature_size") else "")
+        + f", {s['router_activation']}, {top_k}; {s['num_routers']} router(s) reading layer {s['router_input_layer']}",
         f"  parameters      {s['base_parameters']:,} base"
         + (f"; max experts {s['max_experts']}" if s["max_experts"] else ""),
         "",
@@ -723,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="experts in the deep layers only (default) or in every layer")
     convert.add_argument("--routing", choices=CONVERT_ROUTING, help="one gate per sequence (default) or per token")
     convert.add_argument("--router-keys", choices=CONVERT_ROUTER_KEYS,
-                         help="fitted Gaussian task keys (default) or keys learned by gradient")
+                         help="fitted diagonal Gaussian task keys (default), fitted LDA keys (shared covariance) or keys "
+                              "learned by gradient")
     convert.add_argument("--router-top-k", type=nonnegative_int, metavar="K",
                          help="use the K best experts per sequence / token (default: 0, every expert)")
     convert.add_argument("--dtype", choices=DTYPES, default="auto",

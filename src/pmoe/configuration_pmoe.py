@@ -21,7 +21,7 @@ PMOE_FORMAT_VERSION = 1
 EXPERT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 ROUTING_MODES = ("sequence", "token", "expert_choice")
-ROUTER_KEY_TYPES = ("gaussian", "learned")
+ROUTER_KEY_TYPES = ("gaussian", "lda", "learned")
 EXPERT_LAYER_CHOICES = ("deep", "all")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -76,12 +76,23 @@ class PMoEConfig(PreTrainedConfig):
       each expert takes per sequence; a float in (0, 1] is a fraction of the sequence's non-padding tokens (rounded
       up). `None` takes `ceil(tokens / num_experts)`, capacity factor 1 as in Zhou et al. Never more than the
       sequence's non-padding tokens.
-    - `router_keys` (`"gaussian"`, `"learned"` or `None`, defaults to `None`): what scores an expert; `None` picks
+    - `router_keys` (`"gaussian"`, `"lda"`, `"learned"` or `None`, defaults to `None`): what scores an expert; `None` picks
       `"gaussian"`, or `"learned"` for expert-choice routing (pMoE trains its router). `"gaussian"`: a
       diagonal Gaussian of the routing feature per task, fitted from the features the task's training batches produce
       (no raw data kept, statistics saved with the model); the score is the log-likelihood and, with softmax, the gate
-      is the posterior over tasks. While an expert is trained with Gaussian keys its own task's batches are routed to it
-      (`model.training_expert`). `"learned"`: a key vector and bias per expert, trained by gradient descent.
+      is the posterior over tasks. While an expert is trained with Gaussian (or LDA) keys its own task's batches are
+      routed to it (`model.training_expert`). `"lda"`: a linear discriminant, one Gaussian per task with a covariance
+      shared by all tasks (with shrinkage), from per-task count / sum / sum of outer products of the (projected)
+      routing feature. Its decision is the one an LDA fitted jointly on every task's features would make, so it uses
+      correlations between feature dimensions that the diagonal `"gaussian"` keys ignore, and no task's spread can
+      make it absorb another's. `"learned"`: a key vector and bias per expert, trained by gradient descent.
+    - `router_projection_size` (`int`, defaults to 256): `"lda"` keys only. The routing feature is multiplied by a fixed
+      random `[P, hidden_size]` matrix (saved with the router) before fitting, so each key stores `P * P + P + 1`
+      float64 numbers whatever the hidden size (256: 0.5 MiB per expert per router). At or above `hidden_size` the
+      feature is used as is (`hidden_size ** 2` numbers per key).
+    - `router_shrinkage` (`float`, defaults to 0.1): `"lda"` keys only. The shared covariance is shrunk towards its
+      mean variance times the identity, `(1 - s) * Sigma + s * trace(Sigma) / P * I` (plus `router_variance_floor`),
+      so it stays invertible and well conditioned with fewer sequences than feature dimensions.
     - `router_activation` (`"sigmoid"`, `"softmax"` or `None`, defaults to `None`): how router logits become gates.
       `None` picks `"softmax"` for Gaussian keys and `"sigmoid"` for learned keys. Sigmoid gates are independent per
       expert, so adding a learned expert (zero key, zero LoRA B) leaves every old gate, and thus the model's outputs,
@@ -183,6 +194,8 @@ class PMoEConfig(PreTrainedConfig):
     router_keys: str | None = None
     router_activation: str | None = None
     router_variance_floor: float = 1e-3
+    router_projection_size: int = 256
+    router_shrinkage: float = 0.1
     expert_layers: str | None = None
     router_top_k: int | None = None
     expert_capacity: int | float | None = None
@@ -231,7 +244,7 @@ class PMoEConfig(PreTrainedConfig):
         if self.router_keys is None:
             self.router_keys = "learned" if self.routing == "expert_choice" else "gaussian"
         if self.router_activation is None:
-            self.router_activation = "softmax" if self.router_keys == "gaussian" else "sigmoid"
+            self.router_activation = "sigmoid" if self.router_keys == "learned" else "softmax"
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
@@ -313,6 +326,14 @@ class PMoEConfig(PreTrainedConfig):
             fail("routing", f"one of {list(ROUTING_MODES)}", self.routing)
         if self.router_keys not in ROUTER_KEY_TYPES:
             fail("router_keys", f"one of {list(ROUTER_KEY_TYPES)}", self.router_keys)
+        if isinstance(self.router_projection_size, bool) or not (
+            is_int(self.router_projection_size) and self.router_projection_size >= 1
+        ):
+            fail("router_projection_size", "an integer >= 1", self.router_projection_size)
+        if isinstance(self.router_shrinkage, bool) or not (
+            isinstance(self.router_shrinkage, (int, float)) and 0.0 <= self.router_shrinkage <= 1.0
+        ):
+            fail("router_shrinkage", "a number in [0, 1]", self.router_shrinkage)
         if self.expert_layers not in EXPERT_LAYER_CHOICES:
             fail("expert_layers", f"one of {list(EXPERT_LAYER_CHOICES)}", self.expert_layers)
         if self.router_per_layer and self.routing == "sequence":
@@ -389,6 +410,19 @@ class PMoEConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ helpers
     @property
+    def router_keys_are_fitted(self) -> bool:
+        """Gaussian and LDA keys are fitted from the trained expert's features, not trained by gradient."""
+        return self.router_keys != "learned"
+
+    @property
+    def router_feature_size(self) -> int:
+        """The size of the feature a router key is fitted on: the LDA projection when it is smaller than the hidden
+        size, else the hidden size."""
+        if self.router_keys == "lda":
+            return min(self.router_projection_size, self.hidden_size)
+        return self.hidden_size
+
+    @property
     def expert_scaling(self) -> float:
         """The factor applied to every expert's LoRA update (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA)."""
         denominator = self.expert_rank**0.5 if self.expert_use_rslora else self.expert_rank
@@ -432,6 +466,7 @@ class PMoEConfig(PreTrainedConfig):
         pmoe_fields = {
             "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
             "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
+            "router_projection_size", "router_shrinkage",
             "expert_layers", "router_top_k", "expert_capacity", "router_temperature", "router_per_layer", "router_input_layer",
             "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights", "distillation_alpha",
         }

@@ -186,7 +186,24 @@ class PMoELinear(nn.Linear):
         return f"{super().extra_repr()}, experts={len(self.experts)}, rank={self.rank}"
 
 
-GAUSSIAN_STATISTICS = ("count", "feature_sum", "feature_sq_sum")
+# The statistics a fitted router key keeps, by kind (buffers saved with the model; no raw data).
+KEY_STATISTICS = {
+    "gaussian": ("count", "feature_sum", "feature_sq_sum"),  # float32: a diagonal Gaussian
+    "lda": ("count", "feature_sum", "feature_outer_sum"),  # float64: one Gaussian per task, covariance shared
+}
+GAUSSIAN_STATISTICS = KEY_STATISTICS["gaussian"]
+
+
+def keep_dtypes(module: nn.Module, names: Iterable[str], apply: Callable):
+    """Run `module._apply` (`.to(dtype)`, `.half()`, ...) without changing the dtype of the buffers `names`: router
+    statistics are sums and counts, never rounded to bf16 (devices still move)."""
+    before = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
+    result = apply()
+    for name, old in before.items():
+        new = module._buffers[name]
+        if new is not None and new.dtype != old.dtype:
+            module._buffers[name] = old.to(device=new.device, dtype=old.dtype)
+    return result
 
 
 class PMoERouterKey(nn.Module):
@@ -194,47 +211,54 @@ class PMoERouterKey(nn.Module):
 
     Learned keys: a key vector and a bias (parameters, zero at growth). Gaussian keys: the running count, sum and sum
     of squares of the routing features seen while the expert was trained (float32 buffers, saved with the model); the
-    key is the diagonal Gaussian they define, and scores `-inf` until it has seen a feature.
+    key is the diagonal Gaussian they define, and scores `-inf` until it has seen a feature. LDA keys: the count, sum
+    and sum of outer products of the (projected) routing features, in float64; the router pools them into one shared
+    covariance (see `PMoERouter.lda_weights`).
     """
 
     def __init__(self, config: PMoEConfig):
         super().__init__()
         self.kind = config.router_keys
-        hidden_size = config.hidden_size
+        size = config.router_feature_size
         if self.kind == "learned":
-            self.key = nn.Parameter(torch.empty(hidden_size))
+            self.key = nn.Parameter(torch.empty(size))
             self.bias = nn.Parameter(torch.empty(()))
-        else:
+        elif self.kind == "gaussian":
             self.register_buffer("count", torch.zeros((), dtype=torch.float32))
-            self.register_buffer("feature_sum", torch.zeros(hidden_size, dtype=torch.float32))
-            self.register_buffer("feature_sq_sum", torch.zeros(hidden_size, dtype=torch.float32))
+            self.register_buffer("feature_sum", torch.zeros(size, dtype=torch.float32))
+            self.register_buffer("feature_sq_sum", torch.zeros(size, dtype=torch.float32))
+        else:
+            self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("feature_sum", torch.zeros(size, dtype=torch.float64))
+            self.register_buffer("feature_outer_sum", torch.zeros(size, size, dtype=torch.float64))
         self.reset_parameters()
+
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        return KEY_STATISTICS.get(self.kind, ())
 
     def reset_parameters(self):
         if self.kind == "learned":
             init.zeros_(self.key)
             init.zeros_(self.bias)
         else:
-            for name in GAUSSIAN_STATISTICS:
+            for name in self.statistics:
                 init.zeros_(getattr(self, name))
 
     def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` must not round the Gaussian statistics: keep them float32 (devices still move).
-        before = {name: self._buffers[name] for name in GAUSSIAN_STATISTICS if name in self._buffers}
-        result = super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != torch.float32:
-                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
-        return result
+        # `model.to(torch.bfloat16)` must not round the statistics: they keep their dtype (devices still move).
+        return keep_dtypes(self, self.statistics, lambda: super(PMoERouterKey, self)._apply(fn, recurse))
 
     @torch.no_grad()
     def accumulate(self, features: torch.Tensor):
-        """Add routing features `[n, hidden]` to a Gaussian key's statistics."""
-        features = features.float()
+        """Add routing features `[n, size]` to a fitted key's statistics."""
+        features = features.to(self.feature_sum.dtype)
         self.count += features.shape[0]
         self.feature_sum += features.sum(0)
-        self.feature_sq_sum += features.square().sum(0)
+        if self.kind == "gaussian":
+            self.feature_sq_sum += features.square().sum(0)
+        else:
+            self.feature_outer_sum += features.T @ features
 
     def gaussian(self, variance_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(mean, variance, fitted)` of a Gaussian key."""
@@ -264,14 +288,25 @@ class PMoERouter(nn.Module):
         self.experts = nn.ModuleList([PMoERouterKey(config) for _ in range(config.num_experts)])
         # How much gate mass each expert received in training forwards (saved; expert merging picks by it).
         self.register_buffer("usage", torch.zeros(config.num_experts, dtype=torch.float32))
+        # LDA keys: a fixed random projection of the routing feature, so a key's statistics are `P x P` whatever the
+        # hidden size (saved with the router: the keys are only meaningful with the projection they were fitted in).
+        projection = None
+        if config.router_keys == "lda" and config.router_feature_size < config.hidden_size:
+            projection = torch.empty(config.router_feature_size, config.hidden_size)
+        self.register_buffer("projection", projection)
+        self.reset_parameters()
         self._log_stats = None
 
+    def reset_parameters(self):
+        if self.projection is not None:
+            # A fixed seed: every fresh router projects alike (Johnson-Lindenstrauss scaling keeps distances).
+            generator = torch.Generator().manual_seed(0)
+            values = torch.randn(self.projection.shape, generator=generator) / math.sqrt(self.projection.shape[0])
+            init.copy_(self.projection, values.to(device=self.projection.device, dtype=self.projection.dtype))
+
     def _apply(self, fn, recurse=True):
-        usage = self._buffers["usage"]
-        result = super()._apply(fn, recurse)
-        if self._buffers["usage"].dtype != torch.float32:  # counts, never rounded to bf16
-            self._buffers["usage"] = usage.to(device=self._buffers["usage"].device, dtype=torch.float32)
-        return result
+        # Counts and the projection stay float32 in bf16 models.
+        return keep_dtypes(self, ("usage", "projection"), lambda: super(PMoERouter, self)._apply(fn, recurse))
 
     def add_key(self, device: torch.device, dtype: torch.dtype) -> PMoERouterKey:
         entry = PMoERouterKey(self.config).to(device=device, dtype=dtype)
@@ -293,6 +328,8 @@ class PMoERouter(nn.Module):
         """
         # Routing in float32, so gates stay stable in bf16 runs too.
         features = F.rms_norm(hidden_states.float(), (self.hidden_size,), eps=self.eps)
+        if self.projection is not None:  # linear, so projecting before the mean is projecting the mean
+            features = features @ self.projection.T.float()
         if self.config.routing != "sequence":
             return features, None if routing_mask is None else routing_mask.bool()
         if sequence_ids is not None:
@@ -310,11 +347,51 @@ class PMoERouter(nn.Module):
         pooled = (features * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
         return pooled, routing_mask.bool().any(dim=1, keepdim=True)
 
+    def lda_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per expert `(w, b, fitted)` of the linear discriminant: `score = feature @ w + b` is the log-likelihood of
+        the expert's Gaussian with the shared covariance, up to a term all experts share.
+
+        The covariance pools every fitted expert's within-task scatter, `sum_e (S_e - s_e s_e^T / n_e)`, over
+        `N - E` degrees of freedom, shrunk towards `trace / P * I` (`router_shrinkage`) plus `router_variance_floor`:
+        exactly what an LDA fitted on all tasks' features at once gives. Unfitted experts add exact zeros, so growing a
+        key changes no old score. Cached (float64) until a statistic changes."""
+        tensors = [getattr(entry, name) for entry in self.experts for name in entry.statistics]
+        key = tuple((id(t), t._version, t.device) for t in tensors)
+        cached = self.__dict__.get("_lda_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        size = self.config.router_feature_size
+        reference = self.experts[0].feature_sum
+        scatter = torch.zeros(size, size, dtype=torch.float64, device=reference.device)
+        total, fitted_experts = reference.new_zeros(()), reference.new_zeros(())
+        for entry in self.experts:  # in index order, one by one: rounding does not depend on the expert count
+            count = entry.count.clamp_min(1.0)
+            scatter = scatter + (entry.feature_outer_sum - torch.outer(entry.feature_sum, entry.feature_sum) / count)
+            total = total + entry.count
+            fitted_experts = fitted_experts + (entry.count > 0).to(total.dtype)
+        covariance = scatter / (total - fitted_experts).clamp_min(1.0)
+        shrinkage = self.config.router_shrinkage
+        diagonal = shrinkage * covariance.diagonal().mean() + self.config.router_variance_floor
+        covariance = (1 - shrinkage) * covariance + diagonal * torch.eye(size, dtype=covariance.dtype,
+                                                                         device=covariance.device)
+        precision = torch.linalg.inv(covariance)
+        weights = []
+        for entry in self.experts:
+            mean = entry.feature_sum / entry.count.clamp_min(1.0)
+            w = precision @ mean
+            weights.append((w, -0.5 * (mean @ w), entry.count > 0))
+        self.__dict__["_lda_cache"] = (key, weights)
+        return weights
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.config.router_keys == "learned":
             keys = torch.stack([entry.key for entry in self.experts]).float()
             biases = torch.stack([entry.bias for entry in self.experts]).float()
             scores = features @ keys.T + biases
+        elif self.config.router_keys == "lda":
+            features64 = features.double()  # one matrix-vector product per expert, as for the Gaussian keys
+            per_expert = [(features64 @ w + b).masked_fill(~fitted, float("-inf")) for w, b, fitted in self.lda_weights()]
+            scores = torch.stack(per_expert, dim=-1).float()
         else:
             # sum_d (f - mu)^2 / var, expanded into matrix-vector products so no [B, T, E, H] tensor is built; one per
             # expert, not one matmul over all keys: a matmul's rounding depends on how many keys it spans, so growing
@@ -712,6 +789,7 @@ class PMoEPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, PMoERouter):
             init.zeros_(module.usage)
+            module.reset_parameters()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Weights are written only as safetensors. transformers 5 dropped `safe_serialization` and swallows it in
@@ -1170,7 +1248,7 @@ class PMoEModel(PMoEPreTrainedModel):
         # not fit a Gaussian key, count as load or enter the logs.
         features, real = router.features(hidden_states, routing_mask, sequence_ids)
         logits, gates = router(features, routing_mask)
-        forced = self._training_expert if self.training and self.config.router_keys == "gaussian" else None
+        forced = self._training_expert if self.training and self.config.router_keys_are_fitted else None
         if self.training:
             if forced is not None:
                 selected = features.reshape(-1, features.shape[-1])
@@ -1460,8 +1538,8 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             linear.experts[target].lora_B.copy_(lora_b)
         for router in self.expert_routers():
             merged, a, b = router.experts[target], router.experts[first], router.experts[second]
-            if merged.kind == "gaussian":
-                for name in GAUSSIAN_STATISTICS:
+            if merged.kind != "learned":
+                for name in merged.statistics:
                     getattr(merged, name).copy_(getattr(a, name) + getattr(b, name))
             else:
                 merged.key.copy_((a.key + b.key) / 2)

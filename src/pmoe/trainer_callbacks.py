@@ -473,7 +473,7 @@ class PMoEContinualCallback(TrainerCallback):
     @staticmethod
     def _gaussian_statistics(pmoe_model) -> dict[str, torch.Tensor]:
         return {name: buffer.detach().clone() for name, buffer in pmoe_model.named_buffers()
-                if name.rsplit(".", 1)[-1] in ("count", "feature_sum", "feature_sq_sum", "usage")}
+                if name.rsplit(".", 1)[-1] in ("count", "feature_sum", "feature_sq_sum", "feature_outer_sum", "usage")}
 
     def _sync_gaussian_statistics(self, pmoe_model):
         """Under torchrun every process fits the trained expert's Gaussian key (and counts expert usage) on its own

@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: two tasks, one Trainer each, DDP over gloo on CPU.
 
-Rank 0 writes a JSON report to argv[1]: per task, whether every process holds the same parameters and buffers,
+argv[2] (optional) is the router key kind. Rank 0 writes a JSON report to argv[1]: per task, whether every process holds the same parameters and buffers,
 whether the earlier experts and the base weights stayed bit-identical, and whether the new expert trained.
 """
 
@@ -30,8 +30,8 @@ def digest(tensors) -> str:
     return hasher.hexdigest()
 
 
-def main(report_path):
-    model = make_pmoe()
+def main(report_path, router_keys="gaussian"):
+    model = make_pmoe(router_keys=router_keys)
     base_before = digest(model.base_parameters())
     callback = PMoEContinualCallback(tasks=["task-0", "task-1"])
     report = {"tasks": []}
@@ -67,4 +67,4 @@ def main(report_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
