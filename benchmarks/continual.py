@@ -14,6 +14,7 @@ Methods (`--suite main`, the default):
   pmoe-router-layer1    the router reads the first layer's output instead of the boundary
   pmoe-distill          + Lifelong-MoE distillation (alpha 0.5)
   pmoe-merge            + expert merging every 100 steps (svd)
+  pmoe-lda              LDA router keys (`router_keys="lda"`; not in a suite, pass it with --methods)
   sequential-ft         full fine-tuning, task after task
   sequential-lora       one PEFT LoRA adapter (same rank, all 7 projections of every layer), task after task
   o-lora                O-LoRA (Wang et al. 2023): a new PEFT LoRA per task, orthogonal to the earlier tasks' LoRA
@@ -71,6 +72,7 @@ PMOE_OPTIONS = {
     "deep-token": {"expert_layers": "deep", "routing": "token"},
     "deep-token-learned": {"expert_layers": "deep", "routing": "token", "router_keys": "learned"},
     "pmoe-rank-32": {"expert_rank": 32},
+    "pmoe-lda": {"router_keys": "lda"},
 }
 BASELINES = ["sequential-ft", "sequential-lora", "o-lora", "replay", "multitask", "single-task-lora"]
 SUITES = {
@@ -125,11 +127,12 @@ def o_lora(base, tokenizer, data, tasks, args, seed, workdir, row_of):
     return matrix, info
 
 
-def run_method(method, base, tokenizer, data, args, seed, workdir):
-    """Returns the accuracy matrix (rows: after each task) and the parameter counts."""
-    tasks = DEMO_TASKS
+def run_method(method, base, tokenizer, data, args, seed, workdir, tasks=DEMO_TASKS, evaluate_fn=evaluate,
+               on_pmoe_done=None):
+    """Returns the accuracy matrix (rows: after each task) and the parameter counts. `evaluate_fn(model, tokenizer,
+    examples)` returns `(score, _)`; `on_pmoe_done(model)` sees each PMoE model after its last task (extra info)."""
     steps, rank = args.steps_per_task, args.rank
-    row_of = lambda model: [evaluate(model, tokenizer, data[t]["test"])[0] for t in tasks]  # noqa: E731
+    row_of = lambda model: [evaluate_fn(model, tokenizer, data[t]["test"])[0] for t in tasks]  # noqa: E731
     matrix, info = [], {}
     torch.manual_seed(seed)
     if method in PMOE_OPTIONS:
@@ -141,6 +144,8 @@ def run_method(method, base, tokenizer, data, args, seed, workdir):
             info.setdefault("trainable_per_task", trainable(model))
             matrix.append(row_of(model))
         info["added_per_task"] = sum(p.numel() for p in model.expert_parameters(0).values())
+        if on_pmoe_done is not None:
+            info.update(on_pmoe_done(model))
     elif method in ("sequential-ft", "replay"):
         model = copy.deepcopy(base)
         rng = random.Random(seed)
@@ -171,7 +176,7 @@ def run_method(method, base, tokenizer, data, args, seed, workdir):
         for index, task in enumerate(tasks):
             model = lora(copy.deepcopy(base), rank)
             train_task(model, data[task]["rows"], tokenizer, steps, args.expert_lr, workdir, seed=seed)
-            diagonal.append(evaluate(model, tokenizer, data[task]["test"])[0])
+            diagonal.append(evaluate_fn(model, tokenizer, data[task]["test"])[0])
         matrix = [[diagonal[j] if j == i else 0.0 for j in range(len(tasks))] for i in range(len(tasks))]
         info.update(trainable_per_task=trainable(model), added_per_task=trainable(model))
     else:

@@ -119,9 +119,12 @@ def make_pmoe(llama, shape, num_experts, top_k):
         for linear in model.expert_linears():
             for expert in linear.experts:
                 expert.lora_B.copy_(torch.randn(expert.lora_B.shape, generator=generator).to(expert.lora_B) * 0.01)
-        for entry in model.model.routers[0].experts:
+        for entry in model.model.routers[0].experts:  # identical fitted keys, whichever kind is the default
             entry.count.fill_(100.0)
-            entry.feature_sq_sum.fill_(100.0)
+            if entry.kind == "lda":
+                entry.feature_outer_sum.copy_(100.0 * torch.eye(entry.feature_outer_sum.shape[0]))
+            else:
+                entry.feature_sq_sum.fill_(100.0)
     model.training_expert = None
     return model
 

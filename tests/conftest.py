@@ -84,6 +84,13 @@ def randomize_experts(model, indices=None, seed: int = 1):
                     tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
             for router in model.expert_routers():
                 entry = router.experts[index]
+                if entry.kind == "lda":  # 10 samples around a random mean: a fitted key
+                    size = entry.feature_sum.shape[0]
+                    mean = torch.randn(size, generator=generator, dtype=torch.float64) * 0.5
+                    samples = mean + torch.randn(10, size, generator=generator, dtype=torch.float64) * 0.8
+                    entry.count.fill_(10.0)
+                    entry.feature_sum.copy_(samples.sum(0))
+                    entry.feature_outer_sum.copy_(samples.T @ samples)
                 if entry.kind == "gaussian":
                     count = 10.0
                     mean = torch.randn(entry.feature_sum.shape, generator=generator) * 0.5

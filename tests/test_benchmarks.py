@@ -44,3 +44,51 @@ def test_continual_benchmark_quick_runs(tmp_path):
         assert {"LA", "OP", "BWT", "FWT", "trainable_per_task", "added_per_task"} <= set(method)
     assert (tmp_path / "continual-quick.png").exists()
     assert "| pmoe |" in (tmp_path / "continual-quick.md").read_text()
+
+
+def write_cl_benchmark(root):
+    """A few rows in O-LoRA's CL_Benchmark layout: two sentiment tasks sharing instruction and labels (amazon has no
+    test file, yelp only a test file, as in stored snapshots), and a topic task with all three splits."""
+    import random
+
+    rng = random.Random(0)
+    words = {"amazon": ["battery", "charger", "shipping", "seller"], "yelp": ["waiter", "pasta", "table", "menu"],
+             "agnews": ["election", "market", "league", "minister"]}
+    labels = {"amazon": ["negative", "positive"], "yelp": ["negative", "positive"],
+              "agnews": ["World", "Sports", "Business", "Sci/Tech"]}
+    splits = {"amazon": ["train", "dev"], "yelp": ["test"], "agnews": ["train", "dev", "test"]}
+    for task, kind in (("amazon", "SC"), ("yelp", "SC"), ("agnews", "TC")):
+        folder = root / kind / task
+        folder.mkdir(parents=True)
+        (folder / "labels.json").write_text(json.dumps(labels[task]))
+        for split in splits[task]:
+            rows = [{"label": rng.choice(labels[task]),
+                     "sentence": " ".join(rng.choice(words[task]) for _ in range(12)) + "\n"} for _ in range(40)]
+            (folder / f"{split}.json").write_text(json.dumps(rows))
+
+
+def test_cl_benchmark_quick_runs_on_the_o_lora_layout(tmp_path):
+    write_cl_benchmark(tmp_path / "CL_Benchmark")
+    common = [sys.executable, os.path.join(ROOT, "benchmarks", "cl_benchmark.py"), "--data",
+              str(tmp_path / "CL_Benchmark"), "--quick", "--tasks", "amazon", "yelp", "agnews", "--cache-dir",
+              str(tmp_path / "cache"), "--output-dir", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(common + ["--routing-only"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    routing = json.loads((tmp_path / "cl-benchmark-routing-quick.json").read_text())
+    assert routing["data"]["yelp"]["source"] == "test split in two"
+    assert routing["data"]["amazon"]["source"] == "train / dev"
+    assert set(routing["routing"]["custom"]) == {"gaussian", "lda"}
+    for per_task in routing["routing"]["custom"].values():
+        assert set(per_task) == {"amazon", "yelp", "agnews"}
+        assert all(0.0 <= row["accuracy"] <= 1.0 and sum(row["routed_to"].values()) == 6 for row in per_task.values())
+
+    result = subprocess.run(common + ["--methods", "pmoe", "pmoe-lda", "sequential-ft", "replay"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "cl-benchmark-quick.json").read_text())
+    assert set(results["summary"]) == {"pmoe", "pmoe-lda", "sequential-ft", "replay"}
+    assert set(results["routing"]) == {"pmoe", "pmoe-lda"}
+    assert set(results["routing"]["pmoe"]["custom"]) == {"amazon", "yelp", "agnews"}
+    assert (tmp_path / "cl-benchmark-quick.png").exists()
+    assert "| pmoe-lda |" in (tmp_path / "cl-benchmark-quick.md").read_text()

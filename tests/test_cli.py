@@ -186,7 +186,7 @@ def test_info_reads_router_statistics_without_loading_weights(trained_checkpoint
     folder, model = trained_checkpoint
     code, out, _ = run_cli(capsys, "info", str(folder), "--json")
     summary = json.loads(out)
-    assert code == 0 and summary["num_experts"] == 2 and summary["router_keys"] == "gaussian"
+    assert code == 0 and summary["num_experts"] == 2 and summary["router_keys"] == "lda"
     assert [expert["key_samples"] for expert in summary["experts"]] == [[10.0], [10.0]]
     assert [expert["usage_share"] for expert in summary["experts"]] == [0.75, 0.25]
     assert [expert["train_steps"] for expert in summary["experts"]] == [30, 10]

@@ -28,7 +28,7 @@ def test_experts_live_only_in_the_deep_targets():
     assert len(model.expert_linears()) == 3 * 2
 
 
-@pytest.mark.parametrize("keys", ["learned", "gaussian"])
+@pytest.mark.parametrize("keys", ["learned", "gaussian", "lda"])
 def test_a_fresh_model_is_a_plain_trainable_transformers_model(keys):
     model = make_pmoe(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)
     # Freezing belongs to the growth API: construction leaves everything trainable.
@@ -42,7 +42,7 @@ def test_a_fresh_model_is_a_plain_trainable_transformers_model(keys):
             assert all(torch.count_nonzero(tensor) == 0 for tensor in [*entry.parameters(), *entry.buffers()])
 
 
-@pytest.mark.parametrize("keys, router_tensors", [("learned", 2), ("gaussian", 3)])
+@pytest.mark.parametrize("keys, router_tensors", [("learned", 2), ("gaussian", 3), ("lda", 3)])
 def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, router_tensors):
     # from_pretrained builds on the meta device and materialises what the checkpoint lacks via _init_weights.
     config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)
@@ -129,7 +129,7 @@ def test_growth_after_training_leaves_outputs_unchanged(routing):
     assert not torch.equal(before, logits_of(make_pmoe(), input_ids, attention_mask))  # experts do act
     model.add_expert("c")
     after = logits_of(model, input_ids, attention_mask)
-    if model.config.router_keys == "gaussian":
+    if model.config.router_keys != "learned":
         # An unfitted key's gate is exactly 0, so the new expert is not even computed: bit-identical.
         assert torch.equal(after, before)
     else:
@@ -311,7 +311,7 @@ def test_custom_4d_mask_and_inputs_embeds():
         model(input_ids=input_ids, inputs_embeds=embeds)
 
 
-@pytest.mark.parametrize("keys", ["learned", "gaussian"])
+@pytest.mark.parametrize("keys", ["learned", "gaussian", "lda"])
 def test_bfloat16_forward_and_backward(keys):
     model = make_pmoe(router_keys=keys).to(torch.bfloat16)
     model.add_expert("a")
@@ -321,8 +321,8 @@ def test_bfloat16_forward_and_backward(keys):
     entry = model.model.routers[0].experts[0]
     if keys == "learned":
         assert entry.key.dtype == torch.bfloat16
-    else:  # Gaussian statistics are never rounded to bf16
-        assert entry.feature_sum.dtype == torch.float32
+    else:  # fitted keys' statistics are never rounded to bf16 (Gaussian: float32, LDA: float64)
+        assert entry.feature_sum.dtype == (torch.float64 if keys == "lda" else torch.float32)
         assert entry.feature_sum.dtype == model.to(torch.bfloat16).model.routers[0].experts[0].feature_sum.dtype
     input_ids, attention_mask = padded_batch()
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)

@@ -90,12 +90,7 @@ def lda_model(**overrides):
     model = make_pmoe(router_keys="lda", **overrides)
     for task in ("a", "b"):
         model.add_expert(task)
-    randomize_experts(model)
-    generator = torch.Generator().manual_seed(2)
-    for router in model.expert_routers():
-        size = model.config.router_feature_size
-        for index, entry in enumerate(router.experts):
-            entry.accumulate(torch.randn(12, size, generator=generator, dtype=torch.float64) * 0.5 + index)
+    randomize_experts(model)  # LoRA weights, and 10 samples fitted into each LDA key
     return model.eval()
 
 
@@ -142,7 +137,7 @@ def test_lda_statistics_stay_float64_in_bf16_models():
     input_ids, attention_mask = padded_batch()
     with torch.no_grad():
         gates = model(input_ids=input_ids, attention_mask=attention_mask).routing_weights
-    assert torch.isfinite(gates).all() and torch.allclose(gates.sum(-1), torch.ones(3))
+    assert torch.isfinite(gates).all() and torch.allclose(gates.sum(-1), torch.ones(3), atol=2e-2)  # bf16 gates
 
 
 def test_merging_lda_keys_adds_their_statistics():
@@ -185,7 +180,9 @@ def test_lda_keys_save_load_and_run_as_remote_code(tmp_path):
     save_file({"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits}, tmp_path / "data.st")
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "checkpoint"), str(tmp_path / "data.st")], capture_output=True,
-        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                     # the same thread count: LAPACK's inverse may round otherwise with another
+                                     "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -202,4 +199,4 @@ def test_pmoe_info_shows_lda_keys(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["router_keys"] == "lda" and summary["router_feature_size"] == 16
-    assert [expert["key_samples"] for expert in summary["experts"]] == [[12.0], [12.0]]
+    assert [expert["key_samples"] for expert in summary["experts"]] == [[10.0], [10.0]]

@@ -25,7 +25,7 @@ def classifier(num_experts=3, seed=0, **overrides):
 def test_expert_choice_defaults_to_learned_keys_and_validates_its_fields():
     config = tiny_pmoe_config(routing="expert_choice")
     assert config.router_keys == "learned" and config.router_activation == "sigmoid"
-    assert tiny_pmoe_config().router_keys == "gaussian"
+    assert tiny_pmoe_config().router_keys == "lda"
     with pytest.raises(ValueError, match=r"PMoEConfig.expert_capacity must be None unless routing='expert_choice'"):
         tiny_pmoe_config(expert_capacity=2)
     for bad in (0, 1.5, -0.1, True, "4"):
