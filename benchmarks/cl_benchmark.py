@@ -100,16 +100,23 @@ def load_task(data_dir, task, train_size, test_size, seed, max_chars, name_the_t
         labels = json.load(handle)
     train, dev, test = (read_split(folder, split) for split in ("train", "dev", "test"))
     rng = random.Random(f"{task}-{seed}")
+    # Examples held out when a split has to be carved from another file: 200 (a fifth of a small file) or test_size if
+    # more, so that asking for fewer test examples takes a prefix of the same held-out set and leaves the training
+    # examples (and the cached base) as they are.
+    def held_out(rows):
+        return max(test_size, min(200, len(rows) // 5))
     if train is not None and (test or dev) is not None:
         source, test = "train / " + ("test" if test is not None else "dev"), test if test is not None else dev
     elif train is not None:  # only train: hold out its last examples (shuffled first, reproducibly)
         train = list(train)
         rng.shuffle(train)
-        source, test, train = "train split in two", train[-test_size:], train[:-test_size]
+        cut = held_out(train)
+        source, test, train = "train split in two", train[-cut:], train[:-cut]
     elif (test or dev) is not None:  # no train: split the evaluation file
         rows = list(test if test is not None else dev)
         rng.shuffle(rows)
-        source, train, test = f"{'test' if test is not None else 'dev'} split in two", rows[test_size:], rows[:test_size]
+        cut = held_out(rows)
+        source, train, test = f"{'test' if test is not None else 'dev'} split in two", rows[cut:], rows[:cut]
     else:
         raise SystemExit(f"task {task!r}: {folder} holds no train, dev or test file")
     train, test = list(train), list(test)
