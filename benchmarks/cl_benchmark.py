@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
-from continual import METHODS, PMOE_OPTIONS, meaningful, run_method, save_figure, summarize  # noqa: E402
+from continual import METHODS, PMOE_OPTIONS, results_table, run_method, save_figure, summarize  # noqa: E402
 from pmoe import PMoEForCausalLM  # noqa: E402
 from pmoe.metrics import continual_metrics, exact_match  # noqa: E402
 
@@ -302,23 +302,11 @@ def routing_markdown(results, args):
 
 
 def methods_markdown(summary, routing, args, tasks_by_order):
-    def cell(metric, method):
-        value = summary[method][metric]
-        return "-" if not meaningful(method, metric) else f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
-
     orders = "; ".join(f"{order} ({', '.join(tasks)})" for order, tasks in tasks_by_order.items())
-    lines = [
-        f"Orders {orders}; {args.steps_per_task} steps "
-        f"of 32 examples per task; exact match (%) of the greedy answer on {args.test_size} test prompts per task, no "
-        f"task id; mean ± std over orders x seeds {args.seeds}; LoRA / expert rank {args.rank}.",
-        "",
-        "| method | LA | OP | BWT | FWT | trainable params / task | params added / task | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for method, row in summary.items():
-        lines.append(f"| {method} | {cell('LA', method)} | {cell('OP', method)} | {cell('BWT', method)} | "
-                     f"{cell('FWT', method)} | {row['trainable_per_task']:,} | {row['added_per_task']:,} | "
-                     f"{row['seconds']:.0f} |")
+    caption = (f"Orders {orders}; {args.steps_per_task} steps of 32 examples per task; exact match (%) of the greedy "
+               f"answer on {args.test_size} test prompts per task, no task id; mean ± std over orders x seeds "
+               f"{args.seeds}; LoRA / expert rank {args.rank}.")
+    lines = [results_table(summary, caption).rstrip("\n")]
     for method, per_order in routing.items():
         lines += ["", f"Routing accuracy (%) of {method} after the last task:"]
         for order, per_task in per_order.items():

@@ -203,6 +203,16 @@ def meaningful(method, metric) -> bool:
 
 
 def markdown(summary, args) -> str:
+    caption = (
+        f"Built-in tasks {', '.join(DEMO_TASKS)} (in this order); {args.steps_per_task} steps of 32 examples per task; "
+        f"exact match (%) on each task's test split, no task id; mean ± std over seeds "
+        f"{summary[next(iter(summary))]['seeds']}; LoRA / expert rank {args.rank}; {args.threads} CPU thread(s) per run."
+    )
+    return results_table(summary, caption)
+
+
+def results_table(summary, caption) -> str:
+    """The caption, then one row per method: LA / OP / BWT / FWT (mean ± std), parameters, time."""
     def cell(metric, method):
         value = summary[method][metric]
         if not meaningful(method, metric):
@@ -210,9 +220,7 @@ def markdown(summary, args) -> str:
         return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
 
     lines = [
-        f"Built-in tasks {', '.join(DEMO_TASKS)} (in this order); {args.steps_per_task} steps of 32 examples per task; "
-        f"exact match (%) on each task's test split, no task id; mean ± std over seeds "
-        f"{summary[next(iter(summary))]['seeds']}; LoRA / expert rank {args.rank}; {args.threads} CPU thread(s) per run.",
+        caption,
         "",
         "| method | LA | OP | BWT | FWT | trainable params / task | params added / task | time (s) |",
         "|---|---|---|---|---|---|---|---|",

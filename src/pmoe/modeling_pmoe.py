@@ -76,7 +76,9 @@ def one_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Ca
     if past_key_values is None:
         return cache
     if cache is not None and cache is not past_key_values:
-        raise ValueError("Got two different KV caches, `cache` and `past_key_values`: pass one (they are the same argument).")
+        raise ValueError(
+            "Got two different KV caches, `cache` and `past_key_values`: pass one (they are the same argument)."
+        )
     return past_key_values
 
 
@@ -191,7 +193,6 @@ KEY_STATISTICS = {
     "gaussian": ("count", "feature_sum", "feature_sq_sum"),  # float32: a diagonal Gaussian
     "lda": ("count", "feature_sum", "feature_outer_sum"),  # float64: one Gaussian per task, covariance shared
 }
-GAUSSIAN_STATISTICS = KEY_STATISTICS["gaussian"]
 
 
 def keep_dtypes(module: nn.Module, names: Iterable[str], apply: Callable):

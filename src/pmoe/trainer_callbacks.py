@@ -43,7 +43,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.utils import logging
 
 from .checkpointing import _CHECKPOINT
-from .modeling_pmoe import PMoEPreTrainedModel
+from .modeling_pmoe import KEY_STATISTICS, PMoEPreTrainedModel
 
 
 logger = logging.get_logger(__name__)
@@ -102,6 +102,9 @@ def schedule_from_task_column(dataset, args, task_column: str = "task") -> list[
         seen.add(task)
         start = end
     return schedule
+
+# Router buffers every process accumulates on its own batches (summed across processes under torchrun).
+SYNCED_BUFFERS = {name for names in KEY_STATISTICS.values() for name in names} | {"usage"}
 
 
 class PMoEContinualCallback(TrainerCallback):
@@ -473,7 +476,7 @@ class PMoEContinualCallback(TrainerCallback):
     @staticmethod
     def _gaussian_statistics(pmoe_model) -> dict[str, torch.Tensor]:
         return {name: buffer.detach().clone() for name, buffer in pmoe_model.named_buffers()
-                if name.rsplit(".", 1)[-1] in ("count", "feature_sum", "feature_sq_sum", "feature_outer_sum", "usage")}
+                if name.rsplit(".", 1)[-1] in SYNCED_BUFFERS}
 
     def _sync_gaussian_statistics(self, pmoe_model):
         """Under torchrun every process fits the trained expert's Gaussian key (and counts expert usage) on its own
