@@ -317,7 +317,9 @@ def methods_markdown(summary, routing, args, tasks_by_order):
 # ------------------------------------------------------------------------------------------------------ main
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="O-LoRA's CL_Benchmark folder (a local copy)")
+    parser.add_argument("--data", help="O-LoRA's CL_Benchmark folder (a local copy)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="instead of running: one table from these methods results (same settings)")
     parser.add_argument("--orders", nargs="+", default=["1", "2", "3"], choices=sorted(ORDERS))
     parser.add_argument("--tasks", nargs="+", help="one explicit task order instead of --orders")
     parser.add_argument("--substitute", nargs="*", default=[], metavar="OLD=NEW",
@@ -347,6 +349,10 @@ def main():
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--name", default=None, help="results file stem (default: cl-benchmark[-routing])")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, os.path.join(args.output_dir, args.name or "cl-benchmark"))
+    if not args.data:
+        parser.error("--data is required (O-LoRA's CL_Benchmark folder)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -413,19 +419,60 @@ def main():
                            "seconds": time.time() - method_started, "metrics": continual_metrics(matrix, baseline),
                            **info}
                     runs[method].append(run)
+                    with open(stem + "-partial.json", "w") as handle:  # survives an interrupted run
+                        json.dump({**record, "runs": runs, "routing": routing}, handle)
                     print(f"order {order} seed {seed} {method}: LA {run['metrics']['LA']:.3f} OP "
                           f"{run['metrics']['OP']:.3f} BWT {run['metrics']['BWT']:+.3f} ({run['seconds']:.0f}s)",
                           flush=True)
-        summary = {method: summarize(method_runs) for method, method_runs in runs.items()}
-        record.update(summary=summary, runs=runs, routing=routing, seconds=time.time() - started)
-        text = methods_markdown(summary, routing, args, orders)
-        save_figure(stem + ".png", summary)
+        record.update(runs=runs, routing=routing, seconds=time.time() - started)
+        text = methods_report(record, stem)
+        os.remove(stem + "-partial.json")
     text += f"\nTotal wall time: {record['seconds']:.0f} s ({torch.get_num_threads()} CPU thread(s)).\n"
+    write_results(stem, record, text)
+
+
+def methods_report(record, stem) -> str:
+    """Summary, markdown and figure of a methods run's `record` (runs and routing per method)."""
+    args = argparse.Namespace(**record["args"])
+    record["summary"] = {method: summarize(method_runs) for method, method_runs in record["runs"].items()}
+    save_figure(stem + ".png", record["summary"])
+    return methods_markdown(record["summary"], record["routing"], args, record["orders"])
+
+
+def write_results(stem, record, text):
     with open(stem + ".json", "w") as handle:
         json.dump(record, handle, indent=2)
     with open(stem + ".md", "w") as handle:
         handle.write(text)
     print(text)
+
+
+def merge(paths, stem):
+    """One table from several methods runs made with the same settings (e.g. methods or orders run side by side in
+    separate processes, or a `-partial.json` of an interrupted run): their runs and routing are put together."""
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            records.append(json.load(handle))
+    if any("runs" not in record for record in records):
+        raise SystemExit("--merge takes methods runs (not --routing-only results)")
+    ignored = {"methods", "orders", "tasks", "seeds", "threads", "name", "output_dir", "merge"}
+    settings = [{k: v for k, v in record["args"].items() if k not in ignored} for record in records]
+    if any(other != settings[0] for other in settings[1:]):
+        raise SystemExit(f"--merge: the runs differ in settings: {settings}")
+    merged = {"args": {**records[0]["args"], "merged_from": [os.path.basename(p) for p in paths]}, "orders": {},
+              "data": records[0]["data"], "runs": {}, "routing": {}, "seconds": 0.0}
+    for record in records:
+        merged["orders"].update(record["orders"])
+        merged["seconds"] += record.get("seconds", sum(run["seconds"] for runs in record["runs"].values() for run in runs))
+        for method, runs in record["runs"].items():
+            merged["runs"].setdefault(method, []).extend(runs)
+        for method, per_order in record["routing"].items():
+            merged["routing"].setdefault(method, {}).update(per_order)
+    merged["args"]["seeds"] = sorted({run["seed"] for runs in merged["runs"].values() for run in runs})
+    text = methods_report(merged, stem)
+    text += f"\nCompute time: {merged['seconds']:.0f} s, summed over the merged runs ({', '.join(paths)}).\n"
+    write_results(stem, merged, text)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ PMOE_OPTIONS = {
     "deep-token-learned": {"expert_layers": "deep", "routing": "token", "router_keys": "learned"},
     "pmoe-rank-32": {"expert_rank": 32},
     "pmoe-lda": {"router_keys": "lda"},
+    "pmoe-gaussian": {"router_keys": "gaussian"},
+    "pmoe-alpha-64": {"expert_alpha": 64},
+    "pmoe-alpha-256": {"expert_alpha": 256},
+    "pmoe-init-previous": {},
+}
+CALLBACK_OPTIONS = {  # PMoEContinualCallback arguments of the methods that need them
+    "pmoe-merge": {"merge_every_n_steps": 100},
+    "pmoe-init-previous": {"new_expert_init": "previous"},
 }
 BASELINES = ["sequential-ft", "sequential-lora", "o-lora", "replay", "multitask", "single-task-lora"]
 SUITES = {
@@ -138,7 +146,7 @@ def run_method(method, base, tokenizer, data, args, seed, workdir, tasks=DEMO_TA
     if method in PMOE_OPTIONS:
         options = {"expert_rank": rank, **PMOE_OPTIONS[method]}
         model = PMoEForCausalLM.from_dense(copy.deepcopy(base), **options)
-        callback = PMoEContinualCallback(tasks=tasks, merge_every_n_steps=100 if method == "pmoe-merge" else None)
+        callback = PMoEContinualCallback(tasks=tasks, **CALLBACK_OPTIONS.get(method, {}))
         for task in tasks:
             train_task(model, data[task]["rows"], tokenizer, steps, args.expert_lr, workdir, [callback], seed)
             info.setdefault("trainable_per_task", trainable(model))

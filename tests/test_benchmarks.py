@@ -92,3 +92,20 @@ def test_cl_benchmark_quick_runs_on_the_o_lora_layout(tmp_path):
     assert set(results["routing"]["pmoe"]["custom"]) == {"amazon", "yelp", "agnews"}
     assert (tmp_path / "cl-benchmark-quick.png").exists()
     assert "| pmoe-lda |" in (tmp_path / "cl-benchmark-quick.md").read_text()
+    assert not (tmp_path / "cl-benchmark-quick-partial.json").exists()
+
+    # Methods run side by side in separate processes make one table.
+    result = subprocess.run(common + ["--methods", "multitask", "--name", "other"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merge = [sys.executable, os.path.join(ROOT, "benchmarks", "cl_benchmark.py"), "--output-dir", str(tmp_path),
+             "--name", "merged", "--merge", str(tmp_path / "cl-benchmark-quick.json"), str(tmp_path / "other-quick.json")]
+    result = subprocess.run(merge, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert set(merged["summary"]) == {"pmoe", "pmoe-lda", "sequential-ft", "replay", "multitask"}
+    assert merged["summary"]["pmoe"] == results["summary"]["pmoe"]
+    assert "| multitask |" in (tmp_path / "merged.md").read_text()
+    result = subprocess.run(merge[:-1] + [str(tmp_path / "cl-benchmark-routing-quick.json")], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "routing-only" in result.stderr

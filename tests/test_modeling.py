@@ -106,6 +106,38 @@ def test_growth_options_keep_previous_or_base_trainable():
     assert not any(p.requires_grad for p in model.base_parameters().values())
 
 
+@pytest.mark.parametrize("router_keys", ["lda", "gaussian"])
+def test_expert_started_from_an_earlier_one_is_a_copy_and_changes_nothing(router_keys):
+    model = make_pmoe(router_keys=router_keys)
+    model.add_expert("a")
+    model.add_expert("b")
+    randomize_experts(model)
+    input_ids, attention_mask = padded_batch()
+    before = logits_of(model, input_ids, attention_mask)
+    assert model.add_expert("c", init_from=0) == 2
+    assert torch.equal(logits_of(model, input_ids, attention_mask), before)  # its key is not fitted yet
+    for linear in model.expert_linears():
+        new, source = linear.experts[2], linear.experts[0]
+        assert torch.equal(new.lora_A, source.lora_A) and torch.equal(new.lora_B, source.lora_B)
+        assert new.lora_A.data_ptr() != source.lora_A.data_ptr()  # a copy: training it leaves expert 0 as it is
+    assert all(p.requires_grad for p in model.expert_parameters(2).values())
+    assert not any(p.requires_grad for p in model.expert_parameters(0).values())
+
+
+def test_expert_start_from_a_bad_source_is_refused_before_growing():
+    model = make_pmoe()
+    model.add_expert("a")
+    for bad in (1, -1, True, "a"):
+        with pytest.raises(IndexError, match="init_from"):
+            model.add_expert("b", init_from=bad)
+    assert model.config.num_experts == 1 and len(model.expert_linears()[0].experts) == 1
+    learned = make_pmoe(**TOKEN_LEARNED)
+    learned.add_expert("a")
+    with pytest.raises(ValueError, match="fitted router keys"):
+        learned.add_expert("b", init_from=0)
+    assert learned.config.num_experts == 1
+
+
 def test_growth_from_untrained_experts_is_exact():
     model = make_pmoe()
     input_ids, attention_mask = padded_batch()

@@ -1150,15 +1150,27 @@ class PMoEPreTrainedModel(PreTrainedModel):
             for param in self.expert_parameters(index).values():
                 param.requires_grad_(not frozen)
 
-    def add_expert(self, task_name: str, freeze_previous: bool = True) -> int:
+    def add_expert(self, task_name: str, freeze_previous: bool = True, init_from: int | None = None) -> int:
         """Grow one expert for `task_name` in every expert layer's targets and one key in every router; return its index.
 
-        The new LoRA B starts at zero and the new router key either scores `-inf` until fitted (Gaussian keys) or is
-        zero under independent sigmoid gates (learned keys), so the model's outputs do not change. Every earlier expert
-        and router entry is frozen unless `freeze_previous=False`; base weights are frozen unless
-        `config.train_base_weights`. The new expert is trainable and becomes `training_expert`.
+        The new LoRA B starts at zero and the new router key either scores `-inf` until fitted (Gaussian and LDA keys)
+        or is zero under independent sigmoid gates (learned keys), so the model's outputs do not change. With
+        `init_from=i` the new expert starts as a copy of expert `i`'s LoRA A/B (its router key still starts unfitted,
+        so outputs do not change either; fitted keys only). Every earlier expert and router entry is frozen unless
+        `freeze_previous=False`; base weights are frozen unless `config.train_base_weights`. The new expert is
+        trainable and becomes `training_expert`.
         """
         config = self.config
+        if init_from is not None:
+            if config.router_keys == "learned":
+                raise ValueError(
+                    "init_from needs fitted router keys (router_keys='lda' or 'gaussian'): a learned key gates a new "
+                    "expert before it is trained, so a copied expert would change the model's outputs."
+                )
+            if isinstance(init_from, bool) or not isinstance(init_from, int) or not 0 <= init_from < config.num_experts:
+                raise IndexError(
+                    f"init_from={init_from!r} is not an expert of this model (it has {config.num_experts})."
+                )
         if not isinstance(task_name, str) or not task_name.strip():
             raise ValueError(f"add_expert needs a non-empty task name, got {task_name!r}.")
         if task_name in config.expert_tasks:
@@ -1174,6 +1186,10 @@ class PMoEPreTrainedModel(PreTrainedModel):
         new_params = []
         for linear in self.expert_linears():
             expert = linear.add_expert()
+            if init_from is not None:
+                with torch.no_grad():
+                    expert.lora_A.copy_(linear.experts[init_from].lora_A)
+                    expert.lora_B.copy_(linear.experts[init_from].lora_B)
             new_params += list(expert.parameters())
         reference = self.get_input_embeddings().weight
         for router in self.expert_routers():

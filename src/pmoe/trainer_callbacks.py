@@ -107,6 +107,9 @@ def schedule_from_task_column(dataset, args, task_column: str = "task") -> list[
 SYNCED_BUFFERS = {name for names in KEY_STATISTICS.values() for name in names} | {"usage"}
 
 
+NEW_EXPERT_INITS = ("zero", "previous")
+
+
 class PMoEContinualCallback(TrainerCallback):
     """Grows one expert per task at task boundaries, freezes the earlier ones, logs router health.
 
@@ -129,12 +132,15 @@ class PMoEContinualCallback(TrainerCallback):
         max_experts (`int`, *optional*): cap the expert count. Before a new task's expert is grown on a model that
             already has `max_experts`, the two most used experts are merged into one and the other is removed
             (`model.cap_experts`), so long task sequences keep a bounded model. One-Trainer-per-task mode only.
+        new_expert_init (`"zero"` or `"previous"`, defaults to `"zero"`): how a new task's expert starts: PEFT's LoRA
+            init (B = 0), or a copy of the newest earlier expert (`model.add_expert(..., init_from=...)`), so a task
+            starts from what the previous one learned. Either way the model's outputs do not change at growth.
     """
 
     def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
                  log_router: bool = True, distillation_alpha: float | None = None,
                  merge_every_n_steps: int | None = None, merge_method: str = "svd", evaluate_fn=None,
-                 metric_name: str = "accuracy", max_experts: int | None = None):
+                 metric_name: str = "accuracy", max_experts: int | None = None, new_expert_init: str = "zero"):
         if tasks is not None and task_schedule is not None:
             raise ValueError("Pass either `tasks` (one Trainer per task) or `task_schedule` (one run), not both.")
         if tasks is not None:
@@ -172,6 +178,9 @@ class PMoEContinualCallback(TrainerCallback):
                 "max_experts removes merged experts, which a live optimizer still holds: use it with `tasks=` (one "
                 "Trainer per task), not with task_schedule."
             )
+        if new_expert_init not in NEW_EXPERT_INITS:
+            raise ValueError(f"new_expert_init must be one of {NEW_EXPERT_INITS}, got {new_expert_init!r}.")
+        self.new_expert_init = new_expert_init
         self.max_experts = max_experts
         self.evaluate_fn = evaluate_fn
         self.metric_name = metric_name
@@ -215,7 +224,8 @@ class PMoEContinualCallback(TrainerCallback):
                 pmoe_model.training_expert = None  # the previous task is finished: its expert may be merged too
                 for first, second in pmoe_model.cap_experts(self.max_experts - 1, method=self.merge_method):
                     logger.info(f"Merged the experts of {first!r} and {second!r} to stay within {self.max_experts}.")
-            index = pmoe_model.add_expert(task_name)
+            previous = config.num_experts - 1 if self.new_expert_init == "previous" and config.num_experts else None
+            index = pmoe_model.add_expert(task_name, init_from=previous)
             logger.info(f"Started task {task_name!r}: expert {index}.")
         self.current_task = task_name
         self._explicitly_started = task_name
