@@ -306,7 +306,9 @@ def methods_markdown(summary, routing, args, tasks_by_order):
     caption = (f"Orders {orders}; {args.steps_per_task} steps of 32 examples per task; exact match (%) of the greedy "
                f"answer on {args.test_size} test prompts per task, no task id; mean ± std over orders x seeds "
                f"{args.seeds}; LoRA / expert rank {args.rank}.")
-    lines = [results_table(summary, caption).rstrip("\n")]
+    lines = [results_table(summary, caption).rstrip("\n"), "", "Runs behind each row (order / seed):"]
+    for method, row in summary.items():
+        lines.append(f"- {method}: " + ", ".join(f"{order} / {seed}" for order, seed in row["runs"]))
     for method, per_order in routing.items():
         lines += ["", f"Routing accuracy (%) of {method} after the last task:"]
         for order, per_task in per_order.items():
@@ -350,6 +352,7 @@ def main():
     parser.add_argument("--name", default=None, help="results file stem (default: cl-benchmark[-routing])")
     args = parser.parse_args()
     if args.merge:
+        os.makedirs(args.output_dir, exist_ok=True)
         return merge(args.merge, os.path.join(args.output_dir, args.name or "cl-benchmark"))
     if not args.data:
         parser.error("--data is required (O-LoRA's CL_Benchmark folder)")
@@ -434,7 +437,8 @@ def main():
 def methods_report(record, stem) -> str:
     """Summary, markdown and figure of a methods run's `record` (runs and routing per method)."""
     args = argparse.Namespace(**record["args"])
-    record["summary"] = {method: summarize(method_runs) for method, method_runs in record["runs"].items()}
+    record["summary"] = {method: {**summarize(method_runs), "runs": [(run["order"], run["seed"]) for run in method_runs]}
+                         for method, method_runs in record["runs"].items()}
     save_figure(stem + ".png", record["summary"])
     return methods_markdown(record["summary"], record["routing"], args, record["orders"])
 
@@ -471,7 +475,7 @@ def merge(paths, stem):
             merged["routing"].setdefault(method, {}).update(per_order)
     merged["args"]["seeds"] = sorted({run["seed"] for runs in merged["runs"].values() for run in runs})
     text = methods_report(merged, stem)
-    text += f"\nCompute time: {merged['seconds']:.0f} s, summed over the merged runs ({', '.join(paths)}).\n"
+    text += f"\nCompute time: {merged['seconds']:.0f} s, summed over the merged runs ({', '.join(os.path.basename(p) for p in paths)}).\n"
     write_results(stem, merged, text)
 
 

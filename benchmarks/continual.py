@@ -14,7 +14,8 @@ Methods (`--suite main`, the default):
   pmoe-router-layer1    the router reads the first layer's output instead of the boundary
   pmoe-distill          + Lifelong-MoE distillation (alpha 0.5)
   pmoe-merge            + expert merging every 100 steps (svd)
-  pmoe-lda              LDA router keys (`router_keys="lda"`; not in a suite, pass it with --methods)
+  pmoe-lda, pmoe-gaussian
+                        the default with each fitted key kind named explicitly (LDA is the default)
   sequential-ft         full fine-tuning, task after task
   sequential-lora       one PEFT LoRA adapter (same rank, all 7 projections of every layer), task after task
   o-lora                O-LoRA (Wang et al. 2023): a new PEFT LoRA per task, orthogonal to the earlier tasks' LoRA
@@ -30,6 +31,14 @@ Plasticity sweeps (`--suite sweeps`; "deep-*" keep the asymmetric layout and cha
   deep-token            token-level routing with Gaussian keys (one gate per sequence otherwise)
   deep-token-learned    token-level routing with learned keys (the PMoE paper's router)
   pmoe-rank-32          the default layout at rank 32
+
+Plasticity experiments (not in a suite; pass them with --methods):
+  pmoe-alpha-{64,256}   LoRA alpha 64 / 256 instead of 2 * rank = 16. Under Adam, scaling alpha by k is LoRA+ with a
+                        learning-rate ratio k for B (same trajectory, B k times larger), so these are LoRA+ 4 and 16
+  pmoe-rank-128         rank 128 = the base's hidden size: as expressive as full fine-tuning of those projections
+  pmoe-init-previous    a new task's expert starts as a copy of the previous task's (`new_expert_init="previous"`)
+  pmoe-init-nearest     ... of the earlier expert that fits the new task's first batch best, if one beats the base
+                        (`new_expert_init="nearest"`)
 
     python benchmarks/continual.py                          # the main table, 3 seeds
     python benchmarks/continual.py --suite sweeps           # the plasticity sweeps, 3 seeds
@@ -77,10 +86,13 @@ PMOE_OPTIONS = {
     "pmoe-alpha-64": {"expert_alpha": 64},
     "pmoe-alpha-256": {"expert_alpha": 256},
     "pmoe-init-previous": {},
+    "pmoe-init-nearest": {},
+    "pmoe-rank-128": {"expert_rank": 128},
 }
 CALLBACK_OPTIONS = {  # PMoEContinualCallback arguments of the methods that need them
     "pmoe-merge": {"merge_every_n_steps": 100},
     "pmoe-init-previous": {"new_expert_init": "previous"},
+    "pmoe-init-nearest": {"new_expert_init": "nearest"},
 }
 BASELINES = ["sequential-ft", "sequential-lora", "o-lora", "replay", "multitask", "single-task-lora"]
 SUITES = {

@@ -358,3 +358,38 @@ def test_experts_in_the_shallow_layers_train_with_the_callback(tmp_path):
     shallow = model.model.layers[0].mlp.up_proj.experts[0].lora_B
     assert torch.count_nonzero(shallow) > 0
     assert_identical(model.base_parameters(), base)
+
+
+def test_new_expert_starts_from_the_nearest_earlier_expert_or_from_zero(tmp_path):
+    model = make_pmoe()
+    data = without_task(task_dataset(0))
+    callback = PMoEContinualCallback(tasks=["first", "same-data", "other"], new_expert_init="nearest")
+    Trainer(model, training_args(tmp_path, max_steps=8, learning_rate=2e-2), train_dataset=data,
+            callbacks=[callback]).train()
+    # The same data again, with a learning rate of 0: the expert keeps its start, the copy of expert 0.
+    Trainer(model, training_args(tmp_path, learning_rate=0.0), train_dataset=data, callbacks=[callback]).train()
+    for linear in model.expert_linears():
+        assert torch.equal(linear.experts[1].lora_B, linear.experts[0].lora_B)
+        assert torch.equal(linear.experts[1].lora_A, linear.experts[0].lora_A)
+    assert linear.experts[0].lora_B.abs().max() > 0
+
+    # Labels no expert helps with (the untrained model's own greedy tokens): PEFT's init, B = 0.
+    batch = {key: torch.tensor(data[key][:4]) for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        gate = torch.zeros(4, model.config.num_experts)
+        batch["labels"] = model(**batch, routing_weights=gate).logits.argmax(-1).roll(1, dims=1)
+    assert model.nearest_expert(batch) is None
+    other = Dataset.from_dict({key: value.tolist() for key, value in batch.items()})
+    Trainer(model, training_args(tmp_path, learning_rate=0.0), train_dataset=other, callbacks=[callback]).train()
+    assert all(linear.experts[2].lora_B.abs().max() == 0 for linear in model.expert_linears())
+
+
+def test_nearest_expert_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="tasks="):
+        PMoEContinualCallback(task_schedule=[("a", 2), ("b", 2)], new_expert_init="nearest")
+    with pytest.raises(ValueError, match="new_expert_init"):
+        PMoEContinualCallback(tasks=["a"], new_expert_init="copy")
+    model = make_pmoe(routing="token")
+    model.add_expert("a")
+    with pytest.raises(ValueError, match="routing='sequence'"):
+        model.nearest_expert({"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 3).long()})

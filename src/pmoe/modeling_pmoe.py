@@ -1143,6 +1143,47 @@ class PMoEPreTrainedModel(PreTrainedModel):
                 return int(parts[i + 1])
         return None
 
+    @torch.no_grad()
+    def copy_expert_weights(self, source: int, target: int):
+        """Overwrite expert `target`'s LoRA A/B in every expert linear with a copy of expert `source`'s (router keys
+        are left as they are). In place, so an optimizer that holds the target's parameters keeps them."""
+        for index in (source, target):
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.config.num_experts:
+                raise IndexError(f"expert {index!r} does not exist: the model has {self.config.num_experts} experts.")
+        for linear in self.expert_linears():
+            linear.experts[target].lora_A.copy_(linear.experts[source].lora_A)
+            linear.experts[target].lora_B.copy_(linear.experts[source].lora_B)
+
+    @torch.no_grad()
+    def nearest_expert(self, batch: dict, candidates: Iterable[int] | None = None) -> int | None:
+        """The expert, among `candidates` (default: every expert but `training_expert`), under which the language-model
+        loss of `batch` (`input_ids`, `attention_mask`, `labels`: a training batch) is lowest, or `None` when none
+        beats the model without experts. Each candidate is tried alone (its gate forced to 1), so the answer does not
+        depend on the router; sequence routing only. A new task's expert can start from it (`copy_expert_weights`),
+        so related tasks build on each other while unrelated ones start from PEFT's init."""
+        if self.config.routing != "sequence":
+            raise ValueError("nearest_expert forces one gate per sequence: it needs routing='sequence'.")
+        if batch.get("labels") is None:
+            raise ValueError("nearest_expert needs a batch with `labels` (the loss decides).")
+        if candidates is None:
+            candidates = [i for i in range(self.config.num_experts) if i != self.training_expert]
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels") if batch.get(key) is not None}
+        rows = inputs["labels"].shape[0]
+        was_training, training_expert = self.training, self.training_expert
+        self.eval()  # no dropout, and no key fitting: routing_weights are given
+        try:
+            losses = {}
+            for candidate in [None, *candidates]:
+                gate = torch.zeros(rows, self.config.num_experts, device=inputs["labels"].device)
+                if candidate is not None:
+                    gate[:, candidate] = 1.0
+                losses[candidate] = float(self(**inputs, routing_weights=gate, use_cache=False).loss)
+        finally:
+            self.train(was_training)
+            self.training_expert = training_expert
+        best = min(losses, key=lambda c: (losses[c], c is not None))  # ties keep the model without experts
+        return best
+
     def freeze_experts(self, indices: Iterable[int] | None = None, frozen: bool = True):
         """Set `requires_grad=not frozen` on the given experts (default: all) and their router entries."""
         indices = range(self.config.num_experts) if indices is None else indices
@@ -1185,12 +1226,7 @@ class PMoEPreTrainedModel(PreTrainedModel):
         index = config.num_experts
         new_params = []
         for linear in self.expert_linears():
-            expert = linear.add_expert()
-            if init_from is not None:
-                with torch.no_grad():
-                    expert.lora_A.copy_(linear.experts[init_from].lora_A)
-                    expert.lora_B.copy_(linear.experts[init_from].lora_B)
-            new_params += list(expert.parameters())
+            new_params += list(linear.add_expert().parameters())
         reference = self.get_input_embeddings().weight
         for router in self.expert_routers():
             new_params += list(router.add_key(reference.device, reference.dtype).parameters())
@@ -1198,6 +1234,8 @@ class PMoEPreTrainedModel(PreTrainedModel):
         config.expert_tasks = [*config.expert_tasks, task_name]
         config.expert_train_steps = [*config.expert_train_steps, 0]
         config.validate_pmoe()
+        if init_from is not None:
+            self.copy_expert_weights(init_from, index)
 
         if freeze_previous:
             self.freeze_experts(range(index))

@@ -107,7 +107,7 @@ def schedule_from_task_column(dataset, args, task_column: str = "task") -> list[
 SYNCED_BUFFERS = {name for names in KEY_STATISTICS.values() for name in names} | {"usage"}
 
 
-NEW_EXPERT_INITS = ("zero", "previous")
+NEW_EXPERT_INITS = ("zero", "previous", "nearest")
 
 
 class PMoEContinualCallback(TrainerCallback):
@@ -132,9 +132,11 @@ class PMoEContinualCallback(TrainerCallback):
         max_experts (`int`, *optional*): cap the expert count. Before a new task's expert is grown on a model that
             already has `max_experts`, the two most used experts are merged into one and the other is removed
             (`model.cap_experts`), so long task sequences keep a bounded model. One-Trainer-per-task mode only.
-        new_expert_init (`"zero"` or `"previous"`, defaults to `"zero"`): how a new task's expert starts: PEFT's LoRA
-            init (B = 0), or a copy of the newest earlier expert (`model.add_expert(..., init_from=...)`), so a task
-            starts from what the previous one learned. Either way the model's outputs do not change at growth.
+        new_expert_init (`"zero"`, `"previous"` or `"nearest"`, defaults to `"zero"`): how a new task's expert
+            starts: PEFT's LoRA init (B = 0); a copy of the newest earlier expert; or a copy of the earlier expert
+            under which the task's first training examples have the lowest loss, if one beats the model without
+            experts (`model.nearest_expert`; checked when training starts, one-Trainer-per-task mode). Either way
+            the model's outputs on earlier tasks do not change at growth (the new key starts unfitted).
     """
 
     def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
@@ -180,7 +182,13 @@ class PMoEContinualCallback(TrainerCallback):
             )
         if new_expert_init not in NEW_EXPERT_INITS:
             raise ValueError(f"new_expert_init must be one of {NEW_EXPERT_INITS}, got {new_expert_init!r}.")
+        if new_expert_init == "nearest" and task_schedule is not None:
+            raise ValueError(
+                "new_expert_init='nearest' looks at the new task's first training batch when its Trainer starts: use "
+                "it with `tasks=` (one Trainer per task), not with task_schedule."
+            )
         self.new_expert_init = new_expert_init
+        self._fresh_expert = None  # grown by start_task and not trained yet: "nearest" may still initialise it
         self.max_experts = max_experts
         self.evaluate_fn = evaluate_fn
         self.metric_name = metric_name
@@ -226,11 +234,29 @@ class PMoEContinualCallback(TrainerCallback):
                     logger.info(f"Merged the experts of {first!r} and {second!r} to stay within {self.max_experts}.")
             previous = config.num_experts - 1 if self.new_expert_init == "previous" and config.num_experts else None
             index = pmoe_model.add_expert(task_name, init_from=previous)
+            self._fresh_expert = index
             logger.info(f"Started task {task_name!r}: expert {index}.")
         self.current_task = task_name
         self._explicitly_started = task_name
         self._stats_snapshot = self._gaussian_statistics(pmoe_model)
         return index
+
+    @staticmethod
+    def _start_from_nearest(pmoe_model, index, train_dataloader, args):
+        """Copy into the new expert `index` the earlier expert that fits the task's first examples best (if any)."""
+        if index == 0 or train_dataloader is None:
+            return
+        dataset = train_dataloader.dataset
+        rows = [dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))]
+        device = pmoe_model.get_input_embeddings().weight.device
+        batch = {key: value.to(device) for key, value in train_dataloader.collate_fn(rows).items()
+                 if isinstance(value, torch.Tensor)}
+        nearest = pmoe_model.nearest_expert(batch, candidates=range(index))
+        if nearest is not None:
+            pmoe_model.copy_expert_weights(nearest, index)
+            task = pmoe_model.config.expert_tasks[index]
+            logger.info(f"Task {task!r}: expert {index} starts from expert {nearest} "
+                        f"({pmoe_model.config.expert_tasks[nearest]!r}), which fits its first examples best.")
 
     @staticmethod
     def _activate(pmoe_model, index, trainable_experts=None):
@@ -354,9 +380,12 @@ class PMoEContinualCallback(TrainerCallback):
             self.current_task = started[-1]
             self._stats_snapshot = self._gaussian_statistics(pmoe_model)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         pmoe_model = unwrap_pmoe(model)
         if self.task_schedule is None:
+            fresh, self._fresh_expert = self._fresh_expert, None
+            if self.new_expert_init == "nearest" and fresh is not None and state.global_step == 0:
+                self._start_from_nearest(pmoe_model, fresh, train_dataloader, args)
             return
         position = self._schedule_position(state.global_step)
         expected = self.task_schedule[position][0]
