@@ -475,7 +475,8 @@ def merge(paths, stem):
             merged["routing"].setdefault(method, {}).update(per_order)
     merged["args"]["seeds"] = sorted({run["seed"] for runs in merged["runs"].values() for run in runs})
     text = methods_report(merged, stem)
-    text += f"\nCompute time: {merged['seconds']:.0f} s, summed over the merged runs ({', '.join(os.path.basename(p) for p in paths)}).\n"
+    sources = ", ".join(os.path.basename(path) for path in paths)
+    text += f"\nCompute time: {merged['seconds']:.0f} s, summed over the merged runs ({sources}).\n"
     write_results(stem, merged, text)
 
 
