@@ -384,11 +384,16 @@ def test_new_expert_starts_from_the_nearest_earlier_expert_or_from_zero(tmp_path
     assert all(linear.experts[2].lora_B.abs().max() == 0 for linear in model.expert_linears())
 
 
-def test_nearest_expert_is_refused_where_it_cannot_work():
+def test_nearest_expert_is_refused_where_it_cannot_work(tmp_path):
     with pytest.raises(ValueError, match="tasks="):
         PMoEContinualCallback(task_schedule=[("a", 2), ("b", 2)], new_expert_init="nearest")
     with pytest.raises(ValueError, match="new_expert_init"):
         PMoEContinualCallback(tasks=["a"], new_expert_init="copy")
+    learned = make_pmoe(router_keys="learned")
+    data = without_task(task_dataset(0))
+    callback = PMoEContinualCallback(tasks=["a", "b"], new_expert_init="nearest")
+    with pytest.raises(ValueError, match="fitted router keys"):
+        Trainer(learned, training_args(tmp_path, max_steps=1), train_dataset=data, callbacks=[callback]).train()
     model = make_pmoe(routing="token")
     model.add_expert("a")
     with pytest.raises(ValueError, match="routing='sequence'"):

@@ -135,7 +135,7 @@ class PMoEContinualCallback(TrainerCallback):
         new_expert_init (`"zero"`, `"previous"` or `"nearest"`, defaults to `"zero"`): how a new task's expert
             starts: PEFT's LoRA init (B = 0); a copy of the newest earlier expert; or a copy of the earlier expert
             under which the task's first training examples have the lowest loss, if one beats the model without
-            experts (`model.nearest_expert`; checked when training starts, one-Trainer-per-task mode). Either way
+            experts (`model.nearest_expert`; checked when training starts; one Trainer per task, fitted keys). Either way
             the model's outputs on earlier tasks do not change at growth (the new key starts unfitted).
     """
 
@@ -244,6 +244,11 @@ class PMoEContinualCallback(TrainerCallback):
     @staticmethod
     def _start_from_nearest(pmoe_model, index, train_dataloader, args):
         """Copy into the new expert `index` the earlier expert that fits the task's first examples best (if any)."""
+        if pmoe_model.config.router_keys == "learned":
+            raise ValueError(
+                "new_expert_init='nearest' needs fitted router keys (router_keys='lda' or 'gaussian'): a learned key "
+                "gates a new expert before it is trained, so a copied expert would change the model's outputs."
+            )
         if index == 0 or train_dataloader is None:
             return
         dataset = train_dataloader.dataset
