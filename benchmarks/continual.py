@@ -164,6 +164,8 @@ def run_method(method, base, tokenizer, data, args, seed, workdir, tasks=DEMO_TA
             info.setdefault("trainable_per_task", trainable(model))
             matrix.append(row_of(model))
         info["added_per_task"] = sum(p.numel() for p in model.expert_parameters(0).values())
+        if callback.started_from:  # new_expert_init="nearest": which earlier expert each task's expert copied
+            info["started_from"] = dict(callback.started_from)
         if on_pmoe_done is not None:
             info.update(on_pmoe_done(model))
     elif method in ("sequential-ft", "replay"):

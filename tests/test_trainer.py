@@ -382,6 +382,7 @@ def test_new_expert_starts_from_the_nearest_earlier_expert_or_from_zero(tmp_path
     other = Dataset.from_dict({key: value.tolist() for key, value in batch.items()})
     Trainer(model, training_args(tmp_path, learning_rate=0.0), train_dataset=other, callbacks=[callback]).train()
     assert all(linear.experts[2].lora_B.abs().max() == 0 for linear in model.expert_linears())
+    assert callback.started_from == {"first": None, "same-data": 0, "other": None}
 
 
 def test_nearest_expert_is_refused_where_it_cannot_work(tmp_path):

@@ -136,7 +136,8 @@ class PMoEContinualCallback(TrainerCallback):
             starts: PEFT's LoRA init (B = 0); a copy of the newest earlier expert; or a copy of the earlier expert
             under which the task's first training examples have the lowest loss, if one beats the model without
             experts (`model.nearest_expert`; checked when training starts; one Trainer per task, fitted keys). Either way
-            the model's outputs on earlier tasks do not change at growth (the new key starts unfitted).
+            the model's outputs on earlier tasks do not change at growth (the new key starts unfitted). The picks
+            are kept in `callback.started_from` (task -> source expert, `None` for PEFT's init).
     """
 
     def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
@@ -189,6 +190,7 @@ class PMoEContinualCallback(TrainerCallback):
             )
         self.new_expert_init = new_expert_init
         self._fresh_expert = None  # grown by start_task and not trained yet: "nearest" may still initialise it
+        self.started_from = {}  # "nearest": task -> the expert its expert was copied from (None: PEFT's init)
         self.max_experts = max_experts
         self.evaluate_fn = evaluate_fn
         self.metric_name = metric_name
@@ -250,7 +252,7 @@ class PMoEContinualCallback(TrainerCallback):
                 "gates a new expert before it is trained, so a copied expert would change the model's outputs."
             )
         if index == 0 or train_dataloader is None:
-            return
+            return None
         dataset = train_dataloader.dataset
         rows = [dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))]
         device = pmoe_model.get_input_embeddings().weight.device
@@ -262,6 +264,7 @@ class PMoEContinualCallback(TrainerCallback):
             task = pmoe_model.config.expert_tasks[index]
             logger.info(f"Task {task!r}: expert {index} starts from expert {nearest} "
                         f"({pmoe_model.config.expert_tasks[nearest]!r}), which fits its first examples best.")
+        return nearest
 
     @staticmethod
     def _activate(pmoe_model, index, trainable_experts=None):
@@ -390,7 +393,8 @@ class PMoEContinualCallback(TrainerCallback):
         if self.task_schedule is None:
             fresh, self._fresh_expert = self._fresh_expert, None
             if self.new_expert_init == "nearest" and fresh is not None and state.global_step == 0:
-                self._start_from_nearest(pmoe_model, fresh, train_dataloader, args)
+                source = self._start_from_nearest(pmoe_model, fresh, train_dataloader, args)
+                self.started_from[pmoe_model.config.expert_tasks[fresh]] = source
             return
         position = self._schedule_position(state.global_step)
         expected = self.task_schedule[position][0]
