@@ -1143,6 +1143,20 @@ class PMoEPreTrainedModel(PreTrainedModel):
                 return int(parts[i + 1])
         return None
 
+    def check_expert_start(self, option: str, source: int | None = None):
+        """Refuse, before anything grows, to start a new expert as a copy of an earlier one (`option` names what asked)
+        when the copy would change outputs (learned keys gate a new expert before it is trained) or `source` is not
+        an expert."""
+        if self.config.router_keys == "learned":
+            raise ValueError(
+                f"{option} needs fitted router keys (router_keys='lda' or 'gaussian'): a learned key gates a new "
+                "expert before it is trained, so a copied expert would change the model's outputs."
+            )
+        if source is not None and (
+            isinstance(source, bool) or not isinstance(source, int) or not 0 <= source < self.config.num_experts
+        ):
+            raise IndexError(f"{option}={source!r} is not an expert of this model (it has {self.config.num_experts}).")
+
     @torch.no_grad()
     def copy_expert_weights(self, source: int, target: int):
         """Overwrite expert `target`'s LoRA A/B in every expert linear with a copy of expert `source`'s (router keys
@@ -1181,8 +1195,7 @@ class PMoEPreTrainedModel(PreTrainedModel):
         finally:
             self.train(was_training)
             self.training_expert = training_expert
-        best = min(losses, key=lambda c: (losses[c], c is not None))  # ties keep the model without experts
-        return best
+        return min(losses, key=lambda c: (losses[c], c is not None))  # ties keep the model without experts
 
     def freeze_experts(self, indices: Iterable[int] | None = None, frozen: bool = True):
         """Set `requires_grad=not frozen` on the given experts (default: all) and their router entries."""
@@ -1203,15 +1216,7 @@ class PMoEPreTrainedModel(PreTrainedModel):
         """
         config = self.config
         if init_from is not None:
-            if config.router_keys == "learned":
-                raise ValueError(
-                    "init_from needs fitted router keys (router_keys='lda' or 'gaussian'): a learned key gates a new "
-                    "expert before it is trained, so a copied expert would change the model's outputs."
-                )
-            if isinstance(init_from, bool) or not isinstance(init_from, int) or not 0 <= init_from < config.num_experts:
-                raise IndexError(
-                    f"init_from={init_from!r} is not an expert of this model (it has {config.num_experts})."
-                )
+            self.check_expert_start("init_from", init_from)
         if not isinstance(task_name, str) or not task_name.strip():
             raise ValueError(f"add_expert needs a non-empty task name, got {task_name!r}.")
         if task_name in config.expert_tasks:

@@ -246,11 +246,7 @@ class PMoEContinualCallback(TrainerCallback):
     @staticmethod
     def _start_from_nearest(pmoe_model, index, train_dataloader, args):
         """Copy into the new expert `index` the earlier expert that fits the task's first examples best (if any)."""
-        if pmoe_model.config.router_keys == "learned":
-            raise ValueError(
-                "new_expert_init='nearest' needs fitted router keys (router_keys='lda' or 'gaussian'): a learned key "
-                "gates a new expert before it is trained, so a copied expert would change the model's outputs."
-            )
+        pmoe_model.check_expert_start("new_expert_init='nearest'")
         if index == 0 or train_dataloader is None:
             return None
         dataset = train_dataloader.dataset
