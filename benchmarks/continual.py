@@ -60,13 +60,13 @@ from transformers import Trainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from pmoe import PMoEContinualCallback, PMoEForCausalLM  # noqa: E402
-from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES  # noqa: E402
+from pmoe.configuration_pmoe import EMBEDDING_TARGET, EXPERT_TARGET_MODULES  # noqa: E402
 from pmoe.demo import DEMO_TASKS, encode, evaluate, pretrained_base, train_task  # noqa: E402
 from pmoe.metrics import continual_metrics  # noqa: E402
 from pmoe.tasks import task_splits  # noqa: E402
 
 
-TARGETS = list(EXPERT_TARGET_MODULES)  # the same 7 projections as the experts
+TARGETS = [*EXPERT_TARGET_MODULES, EMBEDDING_TARGET]  # the experts' default targets: 7 projections and the embedding
 PMOE_OPTIONS = {
     "pmoe": {},
     "pmoe-deep-only": {"expert_layers": "deep"},
@@ -114,6 +114,13 @@ def lora(model, rank):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
 
 
+def lora_a_of(module):
+    """A PEFT LoRA layer's A matrix `[r, in]` (`lora_embedding_A` on an embedding), or None."""
+    if "default" in module.lora_A:
+        return module.lora_A["default"].weight
+    return module.lora_embedding_A["default"] if "default" in getattr(module, "lora_embedding_A", {}) else None
+
+
 class OrthogonalLoRATrainer(Trainer):
     """O-LoRA's loss: the task loss plus lambda * sum over modules and earlier tasks of ||A_old A_new^T||_F^2."""
 
@@ -126,7 +133,7 @@ class OrthogonalLoRATrainer(Trainer):
         penalty = 0.0
         for name, module in model.named_modules():
             if name in self.old_lora_a:
-                new_a = module.lora_A["default"].weight
+                new_a = lora_a_of(module)
                 penalty = penalty + sum((old.to(new_a) @ new_a.T).pow(2).sum() for old in self.old_lora_a[name])
         loss = loss + O_LORA_ORTHOGONALITY * penalty
         return (loss, outputs) if return_outputs else loss
@@ -140,8 +147,8 @@ def o_lora(base, tokenizer, data, tasks, args, seed, workdir, row_of):
         train_task(peft_model, data[task]["rows"], tokenizer, args.steps_per_task, args.expert_lr, workdir, seed=seed,
                    trainer_class=OrthogonalLoRATrainer, trainer_kwargs={"old_lora_a": old_lora_a})
         for name, module in peft_model.named_modules():
-            if hasattr(module, "lora_A") and "default" in module.lora_A:
-                old_lora_a.setdefault(name, []).append(module.lora_A["default"].weight.detach().clone())
+            if hasattr(module, "lora_A") and lora_a_of(module) is not None:
+                old_lora_a.setdefault(name, []).append(lora_a_of(module).detach().clone())
         model = peft_model.merge_and_unload()  # frozen, summed: the earlier adapters become part of the base
         matrix.append(row_of(model))
     return matrix, info

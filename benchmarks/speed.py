@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import pmoe  # noqa: E402
 
 
-TARGETS = list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)  # the same 7 projections as the experts
 FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
             seq=512, decode=32, experts=[1, 4, 8, 16, 32, 50], repeats=5, warmup=1)
 QUICK = dict(vocab=512, hidden=128, intermediate=352, layers=4, shallow=2, heads=4, kv_heads=4, rank=4,
@@ -171,6 +170,12 @@ def training_step_fn(model, input_ids, labels):
     return step
 
 
+def targets(shape) -> list[str]:
+    """The experts' default targets for this layout (the embedding too with experts in every layer), for PEFT LoRA."""
+    projections = list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)
+    return projections + [pmoe.configuration_pmoe.EMBEDDING_TARGET] if shape["expert_layers"] == "all" else projections
+
+
 def build_training_model(name, shape, device, dtype):
     if name == "full-finetuning":
         return make_llama(shape, device, dtype)
@@ -179,7 +184,7 @@ def build_training_model(name, shape, device, dtype):
 
         return get_peft_model(
             make_llama(shape, device, dtype),
-            LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], lora_dropout=0.0, target_modules=TARGETS),
+            LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], lora_dropout=0.0, target_modules=targets(shape)),
         )
     model = make_pmoe(make_llama(shape, device, dtype), shape, 1, None)
     model.training_expert = 0
@@ -316,7 +321,7 @@ def markdown(results) -> str:
     shape = results["shape"]
     lines = [
         f"Shape: hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers "
-        f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on all 7 projections, batch 1, "
+        f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on {', '.join(targets(shape))}, batch 1, "
         f"{shape['seq']} prompt tokens, {shape['decode']} decoded; {results['device']} {results['dtype']}, "
         f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs; "
         "each ratio is against the same-weights Llama timed alongside it. Sequence routing with Gaussian keys: "

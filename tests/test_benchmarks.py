@@ -46,6 +46,20 @@ def test_continual_benchmark_quick_runs(tmp_path):
     assert "| pmoe |" in (tmp_path / "continual-quick.md").read_text()
 
 
+def test_lora_targets_benchmark_quick_runs(tmp_path):
+    output = tmp_path / "lora-targets.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "lora_targets.py"), "--quick", "--variants",
+         "full-ft-projections", "lora-embedding", "--cache-dir", str(tmp_path / "cache"), "--output", str(output)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = json.loads(output.read_text())["accuracy"]
+    assert set(accuracy) == {"full-ft-projections", "lora-embedding"}
+    assert 0 <= accuracy["lora-embedding"]["reverse"]["0"] <= 1
+    assert "| lora-embedding |" in result.stdout
+
+
 def write_cl_benchmark(root):
     """A few rows in O-LoRA's CL_Benchmark layout: two sentiment tasks sharing instruction and labels (amazon has no
     test file, yelp only a test file, as in stored snapshots), and a topic task with all three splits."""

@@ -16,7 +16,11 @@ def test_defaults_and_derived_fields():
     assert config.head_dim == 8
     assert config.expert_alpha == 2 * config.expert_rank
     assert config.expert_scaling == 2.0
-    assert config.expert_target_modules == list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)
+    assert config.expert_target_modules == [*pmoe.configuration_pmoe.EXPERT_TARGET_MODULES, "embed_tokens"]
+    assert config.expert_embeddings and config.expert_projections == list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)
+    deep = PMoEConfig(**TINY, expert_layers="deep")  # embedding experts need the expert-free pass of layout "all"
+    assert deep.expert_target_modules == list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)
+    assert not deep.expert_embeddings
     assert config.num_experts == 0 and config.expert_tasks == []
     assert config.router_top_k is None and config.effective_top_k == 0
     assert config.layer_types == ["full_attention"] * 4
@@ -58,6 +62,8 @@ def test_round_trip_through_json(tmp_path):
         (dict(expert_dropout=1.0), "expert_dropout", "[0, 1)"),
         (dict(expert_target_modules=["q_proj", "qkv"]), "expert_target_modules", "q_proj"),
         (dict(expert_target_modules=[]), "expert_target_modules", "non-empty"),
+        (dict(expert_target_modules=["q_proj", "embed_tokens"], expert_layers="deep"), "expert_target_modules",
+         "without 'embed_tokens' unless expert_layers='all'"),
         (dict(router_top_k=-1), "router_top_k", "dense"),
         (dict(router_top_k=3, max_experts=2), "router_top_k", "[1, 2]"),
         (dict(router_temperature=0.0), "router_temperature", "> 0"),

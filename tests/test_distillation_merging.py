@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from pmoe import PMoEContinualCallback
+from pmoe import PMoEContinualCallback, PMoEEmbedding
 from pmoe.modeling_pmoe import best_low_rank_factors, route
 
 from conftest import make_pmoe, randomize_experts
@@ -95,12 +95,13 @@ def test_svd_merge_is_the_best_rank_r_approximation_of_the_summed_deltas():
     model = grown(3)
     randomize_experts(model)
     before = {
-        id(linear): [(e.lora_A.clone(), e.lora_B.clone()) for e in linear.experts] for linear in model.expert_linears()
+        id(linear): [(e.lora_A.clone(), e.lora_B.clone()) for e in linear.experts] for linear in model.expert_modules()
     }
+    assert any(isinstance(module, PMoEEmbedding) for module in model.expert_modules())  # merged too
     first, second, target = model.merge_experts(method="svd", sources=(0, 1), target=2)
     assert (first, second, target) == (0, 1, 2)
     rank = model.config.expert_rank
-    for linear in model.expert_linears():
+    for linear in model.expert_modules():
         (a0, b0), (a1, b1), _ = before[id(linear)]
         summed = b0 @ a0 + b1 @ a1
         u, singular_values, vh = torch.linalg.svd(summed)
@@ -124,9 +125,9 @@ def test_average_merge_and_choice_by_usage():
         model.model.routers[0].usage.copy_(torch.tensor([5.0, 1.0, 9.0, 7.0]))
     model.training_expert = None
     expected = [((e2.lora_A + e3.lora_A) / 2, (e2.lora_B + e3.lora_B) / 2)
-                for linear in model.expert_linears() for e2, e3 in [(linear.experts[2], linear.experts[3])]]
+                for linear in model.expert_modules() for e2, e3 in [(linear.experts[2], linear.experts[3])]]
     assert model.merge_experts(method="average") == (2, 3, 1)  # two most used into the least used
-    for (lora_a, lora_b), linear in zip(expected, model.expert_linears()):
+    for (lora_a, lora_b), linear in zip(expected, model.expert_modules()):
         assert torch.equal(linear.experts[1].lora_A, lora_a) and torch.equal(linear.experts[1].lora_B, lora_b)
     assert model.model.routers[0].usage[1] == 16.0
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pmoe import PMoEForCausalLM
+from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES
 from pmoe.modeling_pmoe import CACHE_KWARG
 
 from conftest import VOCAB, make_pmoe, padded_batch, randomize_experts
@@ -114,7 +115,7 @@ def test_generation_continued_from_its_cache_equals_one_uninterrupted_generate(l
 
 
 def test_generation_continued_from_inputs_embeds_equals_one_uninterrupted_generate():
-    model = grown(expert_layers="all")
+    model = grown(expert_layers="all", expert_target_modules=list(EXPERT_TARGET_MODULES))  # embedding experts need ids
     input_ids, attention_mask = padded_batch(batch=2, length=7)
     embed = model.get_input_embeddings()
     with torch.no_grad():

@@ -23,7 +23,8 @@ def test_fifty_experts_grow_linearly_and_round_trip(tmp_path):
     h, i, r = config.hidden_size, config.intermediate_size, config.expert_rank
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     per_layer = r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
-    assert per_expert == per_layer * len(config.expert_layer_indices)
+    per_embedding = r * (config.vocab_size + h)  # the embedding expert (in the default targets)
+    assert per_expert == per_layer * len(config.expert_layer_indices) + per_embedding
     assert [b - a for a, b in zip(sizes, sizes[1:])] == [per_expert] * 50
     randomize_experts(model)
     model.save_pretrained(tmp_path / "fifty")

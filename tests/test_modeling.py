@@ -2,11 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmoe import PMoEConfig, PMoEForCausalLM, PMoELinear, PMoEModel
+from pmoe import PMoEConfig, PMoEEmbedding, PMoEForCausalLM, PMoELinear, PMoEModel
+from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES
 from pmoe.modeling_pmoe import route
 from transformers import PreTrainedModel
 
-from conftest import TOKEN_LEARNED, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
+from conftest import TINY, TOKEN_LEARNED, VOCAB, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
+
+PROJECTIONS = list(EXPERT_TARGET_MODULES)
 
 
 def logits_of(model, input_ids, attention_mask):
@@ -48,7 +51,7 @@ def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, rou
     config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)
     model = PMoEForCausalLM._from_config(config)
     expert_keys = {k for k in model.state_dict() if ".experts." in k}
-    assert len(expert_keys) == 2 * (4 * 7 * 2 + router_tensors)  # experts in all 4 layers (the default)
+    assert len(expert_keys) == 2 * ((4 * 7 + 1) * 2 + router_tensors)  # all 4 layers and the embedding (default)
     state = {k: v for k, v in model.state_dict().items() if k not in expert_keys}
     model.save_pretrained(tmp_path, state_dict=state)
     # pmoe's from_pretrained refuses a checkpoint without its experts (tests/test_bad_checkpoints.py); transformers'
@@ -59,6 +62,9 @@ def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, rou
     assert set(info["missing_keys"]) == expert_keys
     for name, param in [*loaded.named_parameters(), *loaded.named_buffers()]:
         assert torch.isfinite(param).all(), name
+        if name.startswith("model.embed_tokens.experts."):  # PEFT's embedding init: A zero, B normal
+            assert (torch.count_nonzero(param) == 0) == name.endswith("lora_A"), name
+            continue
         if name.endswith("lora_B") or ".routers." in name:
             assert torch.count_nonzero(param) == 0, name
         if name.endswith("lora_A"):
@@ -328,7 +334,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
 
 
 def test_custom_4d_mask_and_inputs_embeds():
-    model = make_pmoe()
+    model = make_pmoe(expert_target_modules=PROJECTIONS)  # embedding experts need ids (next test)
     model.add_expert("a")
     randomize_experts(model)
     input_ids, attention_mask = padded_batch(batch=1, length=6)
@@ -341,6 +347,67 @@ def test_custom_4d_mask_and_inputs_embeds():
         torch.testing.assert_close(model(input_ids=input_ids, attention_mask=mask_4d).logits, expected)
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model(input_ids=input_ids, inputs_embeds=embeds)
+
+
+# --------------------------------------------------------------------------------- embedding experts
+def test_embedding_experts_are_peft_embedding_loras_gated_like_the_layers():
+    model = make_pmoe()  # the default targets the embedding too
+    assert model.config.expert_embeddings and isinstance(model.get_input_embeddings(), PMoEEmbedding)
+    input_ids, attention_mask = padded_batch()
+    before = logits_of(model, input_ids, attention_mask)
+    model.add_expert("a")
+    model.add_expert("b")
+    embedding = model.get_input_embeddings()
+    expert = embedding.experts[1]
+    assert expert.lora_A.shape == (4, VOCAB) and expert.lora_B.shape == (TINY["hidden_size"], 4)
+    assert torch.count_nonzero(expert.lora_A) == 0 and torch.count_nonzero(expert.lora_B) > 0
+    assert torch.equal(logits_of(model, input_ids, attention_mask), before)  # growth changes nothing
+    assert {name for name in model.expert_parameters(1) if "embed_tokens" in name} == {
+        "model.embed_tokens.experts.1.lora_A", "model.embed_tokens.experts.1.lora_B"}
+    randomize_experts(model)
+    # What enters layer 0 is the ids' embeddings plus the gated update scaling * B_e A_e[:, id], as PEFT computes it.
+    entering = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: entering.append(args[0]))
+    with torch.no_grad():
+        for gates in ([0.25, 0.75], [0.0, 0.0]):
+            model(input_ids=input_ids, attention_mask=attention_mask, routing_weights=torch.tensor([gates] * 3))
+            expected = embedding.weight[input_ids] + sum(
+                g * model.config.expert_scaling * F.embedding(input_ids, e.lora_A.T) @ e.lora_B.T
+                for g, e in zip(gates, embedding.experts)
+            )
+            torch.testing.assert_close(entering.pop(), expected, rtol=1e-6, atol=1e-6)
+    hook.remove()
+
+
+def test_inputs_embeds_are_refused_by_embedding_experts_unless_no_expert_is_gated():
+    model = make_pmoe()
+    input_ids, attention_mask = padded_batch()
+    embeds = model.get_input_embeddings()(input_ids)
+    model(inputs_embeds=embeds, attention_mask=attention_mask)  # no experts yet: fine
+    model.add_expert("a")
+    randomize_experts(model)
+    with pytest.raises(ValueError, match=r"embedding experts .* look up token ids.* Pass `input_ids`"):
+        model(inputs_embeds=embeds, attention_mask=attention_mask)
+    with torch.no_grad():  # an all-zero gate is the base model, which inputs_embeds can compute
+        torch.testing.assert_close(
+            model(inputs_embeds=embeds, attention_mask=attention_mask, routing_weights=torch.zeros(3, 1)).logits,
+            model(input_ids=input_ids, attention_mask=attention_mask, routing_weights=torch.zeros(3, 1)).logits,
+        )
+
+
+def test_resizing_the_vocabulary_keeps_embedding_experts_and_outputs():
+    model = make_pmoe()
+    model.add_expert("a")
+    randomize_experts(model)
+    input_ids, attention_mask = padded_batch()
+    before = logits_of(model, input_ids, attention_mask)
+    model.resize_token_embeddings(VOCAB + 5, mean_resizing=False)
+    expert = model.get_input_embeddings().experts[0]
+    assert expert.lora_A.shape == (4, VOCAB + 5) and torch.count_nonzero(expert.lora_A[:, VOCAB:]) == 0
+    torch.testing.assert_close(logits_of(model, input_ids, attention_mask)[..., :VOCAB], before)
+    model(input_ids=torch.tensor([[VOCAB + 4, 1]]))  # a new token routes and looks up its (zero) expert column
+    model.add_expert("b")
+    assert model.get_input_embeddings().experts[1].lora_A.shape == (4, VOCAB + 5)
 
 
 @pytest.mark.parametrize("keys", ["learned", "gaussian", "lda"])

@@ -181,6 +181,42 @@ def test_import_then_export_round_trips_exactly(tmp_path):
         assert torch.equal(linear.experts[copy_index].lora_B, linear.experts[index].lora_B)
 
 
+def test_embedding_lora_round_trips_through_embedding_experts(tmp_path):
+    dense = make_dense("llama")
+    adapter = save_peft_adapter(dense, tmp_path / "adapter", target_modules=["embed_tokens", "q_proj"],
+                                layers_to_transform=None, layers_pattern=None)
+    model = converted(dense, expert_layers="all")  # the default targets: seven projections and embed_tokens
+    model.add_expert("old")
+    randomize_experts(model)
+    index = import_peft_adapter(model, adapter, "imported")
+    batch = padded_batch()
+    assert torch.equal(forced(model, index, batch), peft_logits(dense, adapter, batch))
+    export_expert_to_peft(model, index, tmp_path / "exported")
+    config, tensors = read_adapter(tmp_path / "exported")
+    _, theirs = read_adapter(adapter)
+    # PEFT also saves the unchanged base embedding (save_embedding_layers="auto"); the export leaves it out, and
+    # writes every targeted projection (zero B where the adapter had none).
+    assert "base_model.model.model.embed_tokens.base_layer.weight" not in tensors
+    assert set(theirs) - set(tensors) == {"base_model.model.model.embed_tokens.base_layer.weight"}
+    assert all(torch.equal(tensors[key], theirs[key]) for key in ("base_model.model.model.embed_tokens.lora_embedding_A",
+                                                                "base_model.model.model.embed_tokens.lora_embedding_B"))
+    assert "embed_tokens" in config["target_modules"]
+    assert torch.equal(peft_logits(dense, tmp_path / "exported", batch), forced(model, index, batch))
+
+
+def test_an_adapter_whose_base_embedding_differs_is_refused(tmp_path):
+    dense = make_dense("llama")
+    adapter = save_peft_adapter(dense, tmp_path / "adapter", target_modules=["embed_tokens"],
+                                layers_to_transform=None, layers_pattern=None)
+    config, tensors = read_adapter(adapter)
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 0.5
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = converted(dense, expert_layers="all")
+    with pytest.raises(ValueError, match="differs from this model's token embedding"):
+        import_peft_adapter(model, adapter, "imported")
+    assert model.config.num_experts == 0
+
+
 INCOMPATIBLE = {
     "not LoRA": (lambda dense, path: peft.get_peft_model(copy.deepcopy(dense), peft.IA3Config(
         target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM",

@@ -89,6 +89,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .checkpointing import is_complete_checkpoint, is_complete_save, last_complete_checkpoint, save_pretrained_atomic
 from .configuration_pmoe import PMOE_FORMAT_VERSION, PMOE_VERSION, SUPPORTED_DENSE_MODEL_TYPES, PMoEConfig
 from .modeling_pmoe import (
+    PMoEEmbedding,
     PMoEForCausalLM,
     PMoEForSequenceClassification,
     PMoELinear,
@@ -139,6 +140,7 @@ __all__ = [
     "SUPPORTED_DENSE_MODEL_TYPES",
     "PMoEConfig",
     "PMoEContinualCallback",
+    "PMoEEmbedding",
     "PMoEForCausalLM",
     "PMoEForSequenceClassification",
     "PMoELinear",

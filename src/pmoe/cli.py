@@ -271,7 +271,8 @@ def cmd_add_expert(args) -> int:
     tasks = model.config.expert_tasks
     print(f"added expert {index} for task {args.task!r}: {trainable:,} trainable parameters (rank "
           f"{model.config.expert_rank} LoRA in {len(model.expert_linears())} linears of layers "
-          f"{layer_span(model.config.expert_layer_indices)}); untrained, so the model's outputs are unchanged")
+          f"{layer_span(model.config.expert_layer_indices)}"
+          f"{' and the token embedding' if model.config.expert_embeddings else ''}); untrained, so the model's outputs are unchanged")
     print(f"the model now has {len(tasks)} expert(s): {', '.join(tasks)}")
     print(f"saved {'in place to ' + args.checkpoint if in_place else 'to ' + args.output_dir}; train it with "
           f"Trainer + pmoe.PMoEContinualCallback(tasks=[{args.task!r}]) (the callback reuses the newest expert)")

@@ -19,6 +19,9 @@ PMOE_VERSION = "0.1.0"
 PMOE_FORMAT_VERSION = 1
 
 EXPERT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The token embedding can carry experts too (PEFT's LoRA on `nn.Embedding`); only with `expert_layers="all"`, where the
+# gate is known before the first layer.
+EMBEDDING_TARGET = "embed_tokens"
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 ROUTING_MODES = ("sequence", "token", "expert_choice")
 ROUTER_KEY_TYPES = ("gaussian", "lda", "learned")
@@ -62,8 +65,14 @@ class PMoEConfig(PreTrainedConfig):
       so changing the rank does not silently change the update's scale (a fixed alpha of 16 halves it at rank 16).
     - `expert_use_rslora` (`bool`, defaults to `False`): rank-stabilised scaling `alpha / sqrt(r)`.
     - `expert_dropout` (`float`, defaults to 0.0): dropout on the expert input, as PEFT's `lora_dropout`.
-    - `expert_target_modules` (list of `str`, defaults to all seven projections): which linears of the deep layers
-      carry experts, among `q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`.
+    - `expert_target_modules` (list of `str`, defaults to all seven projections, plus `embed_tokens` with
+      `expert_layers="all"`): which modules of the expert layers carry experts, among `q_proj, k_proj, v_proj, o_proj,
+      gate_proj, up_proj, down_proj`, and `embed_tokens`: a LoRA expert on the token embedding (PEFT's LoRA on
+      `nn.Embedding`: `A` `[r, vocab]` starts at zero, `B` `[hidden, r]` normal), gated like the layers' experts.
+      It needs `expert_layers="all"` (the gate comes from an expert-free pass, so it is known before the first layer).
+      It is in the default because full fine-tuning changes the embeddings and a LoRA on the projections alone learned
+      much less on the built-in character-level tasks (README, "Learning as much as full fine-tuning"); it adds
+      `rank * (vocab_size + hidden_size)` parameters per task. Checkpoints saved without it keep their saved list.
     - `routing` (`"sequence"`, `"token"` or `"expert_choice"`, defaults to `"sequence"`): route once per sequence, from
       the mean boundary feature of its prompt (training: the tokens whose label is -100, or every token when none is;
       generation: the prefill, whose gate is reused at every decode step), or per token (the paper's setting). A
@@ -231,8 +240,11 @@ class PMoEConfig(PreTrainedConfig):
             self.router_input_layer = self.num_shallow_layers
         if self.expert_alpha is None:
             self.expert_alpha = 2.0 * self.expert_rank
+        if self.expert_layers is None:
+            self.expert_layers = "all" if self.routing == "sequence" else "deep"
         if self.expert_target_modules is None:
-            self.expert_target_modules = list(EXPERT_TARGET_MODULES)
+            embedding = [EMBEDDING_TARGET] if self.expert_layers == "all" else []
+            self.expert_target_modules = list(EXPERT_TARGET_MODULES) + embedding
         # A string would silently become a list of its characters below (`list("sql")`): refuse it.
         for field in ("expert_target_modules", "expert_tasks", "expert_train_steps"):
             if isinstance(getattr(self, field), str):
@@ -242,8 +254,6 @@ class PMoEConfig(PreTrainedConfig):
         if self.expert_train_steps is None:
             self.expert_train_steps = [0] * len(self.expert_tasks)
         self.expert_train_steps = list(self.expert_train_steps)
-        if self.expert_layers is None:
-            self.expert_layers = "all" if self.routing == "sequence" else "deep"
         if self.router_keys is None:
             self.router_keys = "learned" if self.routing == "expert_choice" else "lda"
         if self.router_activation is None:
@@ -316,11 +326,12 @@ class PMoEConfig(PreTrainedConfig):
             0.0 <= self.expert_dropout < 1.0
         ):
             fail("expert_dropout", "a number in [0, 1)", self.expert_dropout)
-        unknown = [name for name in self.expert_target_modules if name not in EXPERT_TARGET_MODULES]
+        choices = [*EXPERT_TARGET_MODULES, EMBEDDING_TARGET]
+        unknown = [name for name in self.expert_target_modules if name not in choices]
         if unknown or not self.expert_target_modules or len(set(self.expert_target_modules)) != len(
             self.expert_target_modules
         ):
-            fail("expert_target_modules", f"a non-empty list of distinct names from {list(EXPERT_TARGET_MODULES)}",
+            fail("expert_target_modules", f"a non-empty list of distinct names from {choices}",
                  self.expert_target_modules)
         if self.router_activation not in ROUTER_ACTIVATIONS:
             fail("router_activation", f"one of {list(ROUTER_ACTIVATIONS)} (or None for the keys' default)",
@@ -357,6 +368,10 @@ class PMoEConfig(PreTrainedConfig):
         if self.routing == "expert_choice" and self.distillation_alpha:
             fail("distillation_alpha", "0 with routing='expert_choice' (distillation is for causal LM training)",
                  self.distillation_alpha)
+        if EMBEDDING_TARGET in self.expert_target_modules and self.expert_layers != "all":
+            fail("expert_target_modules", f"a list without {EMBEDDING_TARGET!r} unless expert_layers='all' (embedding "
+                 "experts need the gate before the first layer, which only the expert-free shallow pass gives)",
+                 self.expert_target_modules)
         if self.expert_layers == "all" and self.routing != "sequence":
             fail("expert_layers", "'deep' unless routing='sequence' (shallow experts are gated by the sequence gate "
                  "of an expert-free shallow pass)", self.expert_layers)
@@ -424,6 +439,16 @@ class PMoEConfig(PreTrainedConfig):
         if self.router_keys == "lda":
             return min(self.router_projection_size, self.hidden_size)
         return self.hidden_size
+
+    @property
+    def expert_projections(self) -> list[str]:
+        """The targeted projections of the expert layers (`expert_target_modules` without `embed_tokens`)."""
+        return [name for name in self.expert_target_modules if name != EMBEDDING_TARGET]
+
+    @property
+    def expert_embeddings(self) -> bool:
+        """Whether the token embedding carries experts (`"embed_tokens"` in `expert_target_modules`)."""
+        return EMBEDDING_TARGET in self.expert_target_modules
 
     @property
     def expert_scaling(self) -> float:
@@ -525,6 +550,7 @@ class PMoEConfig(PreTrainedConfig):
 __all__ = [
     "PMoEConfig",
     "PMOE_FORMAT_VERSION",
+    "EMBEDDING_TARGET",
     "EXPERT_TARGET_MODULES",
     "SUPPORTED_DENSE_ARCHITECTURES",
     "SUPPORTED_DENSE_MODEL_TYPES",

@@ -120,55 +120,66 @@ class PMoELoRAExpert(nn.Module):
         init.zeros_(self.lora_B)
 
 
-class PMoELinear(nn.Linear):
-    """`nn.Linear` plus progressive LoRA experts mixed by per-token gates.
+class PMoEEmbeddingExpert(PMoELoRAExpert):
+    """One LoRA expert of the token embedding: `delta(ids) = lora_A[:, ids].T @ lora_B.T` (`A [r, vocab]`, `B [hidden,
+    r]`, PEFT's `lora_embedding_A` / `lora_embedding_B`)."""
 
-    The base weight keeps `nn.Linear`'s names (`weight`, `bias`) so dense checkpoints load unchanged. The experts'
-    A and B matrices are concatenated so that all experts cost one matmul pair, whatever their number:
-    `y = W x + b + scaling * B_cat @ (gates_per_rank * (A_cat @ dropout(x)))`.
-    Without gates (`expert_gates=None`) the layer is the base linear: experts are never applied ungated.
-    """
+    def reset_parameters(self):
+        # PEFT's init for embeddings: A zero (a new expert changes nothing), B normal. A Kaiming-uniform A over the
+        # vocabulary would be ~1/sqrt(vocab) small and starve B's gradient.
+        init.zeros_(self.lora_A)
+        init.normal_(self.lora_B)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, config: PMoEConfig, with_experts: bool):
-        super().__init__(in_features, out_features, bias=bias)
+
+class PMoEExperts:
+    """The progressive LoRA experts of one base module (mixed into `PMoELinear` and `PMoEEmbedding`).
+
+    The experts' A and B matrices are concatenated so that all experts cost one matmul pair, whatever their number:
+    `update = scaling * B_cat @ (gates_per_rank * (A_cat x))`. Without gates there is no update: experts are never
+    applied ungated."""
+
+    expert_class = PMoELoRAExpert
+
+    def _init_experts(self, config: PMoEConfig, with_experts: bool, in_features: int, out_features: int):
         self.with_experts = with_experts
         self.rank = config.expert_rank
         self.scaling = config.expert_scaling
-        self.expert_dropout = nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
+        self._expert_shape = (in_features, out_features)
         self.experts = nn.ModuleList()
         if with_experts:
             for _ in range(config.num_experts):
-                self.experts.append(PMoELoRAExpert(in_features, out_features, self.rank))
+                self.experts.append(self.expert_class(in_features, out_features, self.rank))
 
     def add_expert(self) -> PMoELoRAExpert:
-        expert = PMoELoRAExpert(self.in_features, self.out_features, self.rank)
+        expert = self.expert_class(*self._expert_shape, self.rank)
         expert.to(device=self.weight.device, dtype=self.weight.dtype)
         self.experts.append(expert)
         return expert
 
-    def forward(
-        self, x: torch.Tensor, expert_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None
-    ) -> torch.Tensor:
-        """`active_experts`: the experts with a non-zero gate somewhere in the batch (`None`: all of them). Only those
-        enter the matmul pair, so top-k and sequence routing cost what the chosen experts cost, not all experts."""
-        out = F.linear(x, self.weight, self.bias)
+    def expert_update(
+        self, project_a: Callable, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None
+    ) -> torch.Tensor | None:
+        """The gated sum of the experts' updates, or `None` when no expert applies. `project_a(A_cat)` maps the input
+        through the concatenated A (`[..., E * r]`). `active_experts`: the experts with a non-zero gate somewhere in
+        the batch (`None`: all of them); only those enter the matmul pair, so top-k and sequence routing cost what the
+        chosen experts cost, not all experts."""
         num_experts = len(self.experts)
         if expert_gates is None or num_experts == 0:
-            return out
+            return None
         if expert_gates.shape[-1] != num_experts:
             raise ValueError(
-                f"PMoELinear got gates for {expert_gates.shape[-1]} experts but has {num_experts} experts."
+                f"{type(self).__name__} got gates for {expert_gates.shape[-1]} experts but has {num_experts} experts."
             )
         if active_experts is not None:
             if not active_experts:
-                return out
+                return None
             if len(active_experts) < num_experts:
                 expert_gates = expert_gates[..., list(active_experts)]
         experts = self.experts if active_experts is None else [self.experts[i] for i in active_experts]
         lora_a, lora_b = self._concatenated(experts)
-        hidden = F.linear(self.expert_dropout(x), lora_a)  # [..., E * r]
+        hidden = project_a(lora_a)  # [..., E * r]
         gates = expert_gates.to(hidden.dtype).repeat_interleave(self.rank, dim=-1) * self.scaling
-        return out + F.linear(hidden * gates, lora_b)
+        return F.linear(hidden * gates, lora_b)
 
     def _concatenated(self, experts) -> tuple[torch.Tensor, torch.Tensor]:
         """`A_cat [E*r, in]` and `B_cat [out, E*r]`. Without autograd (inference) the concatenation is cached until one
@@ -183,6 +194,66 @@ class PMoELinear(nn.Linear):
             cached = (key, torch.cat([e.lora_A for e in experts], dim=0), torch.cat([e.lora_B for e in experts], dim=1))
             self.__dict__["_concat_cache"] = cached
         return cached[1], cached[2]
+
+
+class PMoELinear(PMoEExperts, nn.Linear):
+    """`nn.Linear` plus progressive LoRA experts mixed by per-token gates:
+    `y = W x + b + scaling * B_cat @ (gates_per_rank * (A_cat @ dropout(x)))`.
+
+    The base weight keeps `nn.Linear`'s names (`weight`, `bias`) so dense checkpoints load unchanged. Without gates
+    (`expert_gates=None`) the layer is the base linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: PMoEConfig, with_experts: bool):
+        super().__init__(in_features, out_features, bias=bias)
+        self._init_experts(config, with_experts, in_features, out_features)
+        self.expert_dropout = nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, expert_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        update = self.expert_update(lambda lora_a: F.linear(self.expert_dropout(x), lora_a), expert_gates,
+                                    active_experts)
+        return out if update is None else out + update
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={len(self.experts)}, rank={self.rank}"
+
+
+class PMoEEmbedding(PMoEExperts, nn.Embedding):
+    """`nn.Embedding` plus progressive LoRA experts (`expert_target_modules` with `"embed_tokens"`). Called with ids
+    only it is the base embedding, which the expert-free pass and `get_input_embeddings()` users see; the model adds
+    `expert_update_for(ids, gates)` once the gate is known."""
+
+    expert_class = PMoEEmbeddingExpert
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, config: PMoEConfig,
+                 with_experts: bool):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self._init_experts(config, with_experts, num_embeddings, embedding_dim)
+
+    def expert_update_for(
+        self, input_ids: torch.Tensor, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None = None
+    ) -> torch.Tensor | None:
+        return self.expert_update(lambda lora_a: F.embedding(input_ids, lora_a.T, self.padding_idx), expert_gates,
+                                  active_experts)
+
+    @torch.no_grad()
+    def match_vocabulary(self):
+        """After `resize_token_embeddings`: give every expert's A one column per token again. Kept tokens keep their
+        columns; new tokens get zero columns (no update until trained), so outputs on the old tokens are unchanged."""
+        vocab = self.num_embeddings
+        self._expert_shape = (vocab, self.embedding_dim)
+        for expert in self.experts:
+            old = expert.lora_A
+            if old.shape[1] == vocab:
+                continue
+            new = old.new_zeros(old.shape[0], vocab)
+            keep = min(vocab, old.shape[1])
+            new[:, :keep] = old[:, :keep]
+            expert.lora_A = nn.Parameter(new, requires_grad=old.requires_grad)
+        self.__dict__.pop("_concat_cache", None)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={len(self.experts)}, rank={self.rank}"
@@ -1108,6 +1179,16 @@ class PMoEPreTrainedModel(PreTrainedModel):
         """Every linear that carries experts (the targeted projections of the expert layers)."""
         return [module for module in self.modules() if isinstance(module, PMoELinear) and module.with_experts]
 
+    def expert_modules(self) -> list[PMoEExperts]:
+        """Every module that carries experts: the expert linears and, with `"embed_tokens"` targeted, the embedding."""
+        return [module for module in self.modules() if isinstance(module, PMoEExperts) and module.with_experts]
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        if isinstance(self.get_input_embeddings(), PMoEEmbedding):
+            self.get_input_embeddings().match_vocabulary()
+        return embeddings
+
     def expert_routers(self) -> list[PMoERouter]:
         return list(self._pmoe_model().routers)
 
@@ -1159,14 +1240,14 @@ class PMoEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def copy_expert_weights(self, source: int, target: int):
-        """Overwrite expert `target`'s LoRA A/B in every expert linear with a copy of expert `source`'s (router keys
+        """Overwrite expert `target`'s LoRA A/B in every expert module with a copy of expert `source`'s (router keys
         are left as they are). In place, so an optimizer that holds the target's parameters keeps them."""
         for index in (source, target):
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.config.num_experts:
                 raise IndexError(f"expert {index!r} does not exist: the model has {self.config.num_experts} experts.")
-        for linear in self.expert_linears():
-            linear.experts[target].lora_A.copy_(linear.experts[source].lora_A)
-            linear.experts[target].lora_B.copy_(linear.experts[source].lora_B)
+        for module in self.expert_modules():
+            module.experts[target].lora_A.copy_(module.experts[source].lora_A)
+            module.experts[target].lora_B.copy_(module.experts[source].lora_B)
 
     @torch.no_grad()
     def nearest_expert(self, batch: dict, candidates: Iterable[int] | None = None) -> int | None:
@@ -1230,8 +1311,8 @@ class PMoEPreTrainedModel(PreTrainedModel):
             )
         index = config.num_experts
         new_params = []
-        for linear in self.expert_linears():
-            new_params += list(linear.add_expert().parameters())
+        for module in self.expert_modules():
+            new_params += list(module.add_expert().parameters())
         reference = self.get_input_embeddings().weight
         for router in self.expert_routers():
             new_params += list(router.add_key(reference.device, reference.dtype).parameters())
@@ -1281,7 +1362,9 @@ class PMoEModel(PMoEPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
 
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embed_tokens = PMoEEmbedding(
+            config.vocab_size, config.hidden_size, self.padding_idx, config, with_experts=config.expert_embeddings
+        )
         self.layers = nn.ModuleList(
             [PMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -1411,6 +1494,14 @@ class PMoEModel(PMoEPreTrainedModel):
             sequence_ids = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
         if sequence_routing:
             routing_weights = self._carried_gate(cache, routing_weights, inputs_embeds.shape[0])
+        if input_ids is None and config.expert_embeddings and has_experts and (
+            routing_weights is None or routing_weights.any()
+        ):
+            raise ValueError(
+                "This PMoE model has embedding experts ('embed_tokens' in config.expert_target_modules): they look up "
+                "token ids, so a forward from `inputs_embeds` cannot apply them and would not compute this model. "
+                "Pass `input_ids`, or convert the dense model with expert_target_modules without 'embed_tokens'."
+            )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -1444,13 +1535,16 @@ class PMoEModel(PMoEPreTrainedModel):
             boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
             expert_gates, logits = self._route(self.routers[0], boundary, routing_mask, sequence_ids)
             router_logits += (logits.reshape(-1, logits.shape[-1]),)
+        active_for, active_experts = None, None
+        if config.expert_embeddings and expert_gates is not None:
+            active_for, active_experts = expert_gates, active_expert_indices(expert_gates)
+            hidden_states = self._with_embedding_experts(input_ids, inputs_embeds, expert_gates, active_experts)
 
         first_expert_layer = config.expert_layer_indices[0]
         old_model_input = None
-        active_for, active_experts = None, None
         for layer_idx, decoder_layer in enumerate(self.layers[: config.num_hidden_layers]):
             if compute_old_model and layer_idx == first_expert_layer:
-                old_model_input = hidden_states
+                old_model_input = inputs_embeds if layer_idx == 0 else hidden_states  # (embedding experts: redone)
             if has_experts and layer_idx == config.router_input_layer and expert_gates is None:
                 expert_gates, logits = self._route(self.routers[0], hidden_states, routing_mask, sequence_ids)
                 router_logits += (logits.reshape(-1, logits.shape[-1]),)
@@ -1476,7 +1570,7 @@ class PMoEModel(PMoEPreTrainedModel):
         old_last_hidden_state = None
         if compute_old_model:
             old_last_hidden_state = self._old_model_pass(
-                old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs, sequence_ids
+                old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs, sequence_ids, input_ids
             )
 
         # With sequence routing, each sequence's gate: returned for `generate` to feed back, and carried by the cache.
@@ -1495,7 +1589,8 @@ class PMoEModel(PMoEPreTrainedModel):
         )
 
     @torch.no_grad()
-    def _old_model_pass(self, hidden_states, router_logits, start, causal_masks, layer_kwargs, sequence_ids=None):
+    def _old_model_pass(self, hidden_states, router_logits, start, causal_masks, layer_kwargs, sequence_ids=None,
+                        input_ids=None):
         """The expert layers again, with `training_expert` and every later expert masked out of routing (packed rows:
         each token takes its own sequence's old gate)."""
         config = self.config
@@ -1510,6 +1605,8 @@ class PMoEModel(PMoEPreTrainedModel):
                 old_gates = old_gates.gather(1, sequence_ids[..., None].expand(-1, -1, old_gates.shape[-1]))
             old_gates = old_gates.to(hidden_states.dtype)
         active_experts = active_expert_indices(old_gates)
+        if start == 0 and config.expert_embeddings and old_gates is not None:
+            hidden_states = self._with_embedding_experts(input_ids, hidden_states, old_gates, active_experts)
         for layer_idx in range(start, config.num_hidden_layers):
             layer = self.layers[layer_idx]
             hidden_states = layer(
@@ -1518,6 +1615,13 @@ class PMoEModel(PMoEPreTrainedModel):
                 active_experts=active_experts, **layer_kwargs,
             )
         return self.norm(hidden_states)
+
+    def _with_embedding_experts(self, input_ids, inputs_embeds, gates, active_experts=None):
+        """The token embeddings plus the gated embedding experts' update (`"embed_tokens"` in expert_target_modules)."""
+        if input_ids is None:
+            return inputs_embeds  # only with an all-zero gate (checked in `forward`)
+        update = self.embed_tokens.expert_update_for(input_ids, gates, active_experts)
+        return inputs_embeds if update is None else inputs_embeds + update.to(inputs_embeds.dtype)
 
     def _causal_masks(self, mask_kwargs: dict) -> dict:
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -1586,16 +1690,16 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         if not 0 <= target < config.num_experts:
             raise ValueError(f"merge_experts: target must be in [0, {config.num_experts}), got {target}.")
 
-        for linear in self.expert_linears():
-            a, b = linear.experts[first], linear.experts[second]
+        for module in self.expert_modules():
+            a, b = module.experts[first], module.experts[second]
             if method == "average":
                 lora_a, lora_b = (a.lora_A + b.lora_A) / 2, (a.lora_B + b.lora_B) / 2
             else:
-                lora_a, lora_b = best_low_rank_factors(
-                    a.lora_B.float() @ a.lora_A.float() + b.lora_B.float() @ b.lora_A.float(), linear.rank
+                lora_a, lora_b = best_low_rank_factors_of_sum(
+                    [(a.lora_B.float(), a.lora_A.float()), (b.lora_B.float(), b.lora_A.float())], module.rank
                 )
-            linear.experts[target].lora_A.copy_(lora_a)
-            linear.experts[target].lora_B.copy_(lora_b)
+            module.experts[target].lora_A.copy_(lora_a)
+            module.experts[target].lora_B.copy_(lora_b)
         for router in self.expert_routers():
             merged, a, b = router.experts[target], router.experts[first], router.experts[second]
             if merged.kind != "learned":
@@ -1618,9 +1722,9 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         config = self.config
         if not 0 <= index < config.num_experts:
             raise IndexError(f"expert index {index} out of range: the model has {config.num_experts} experts.")
-        for linear in self.expert_linears():
-            del linear.experts[index]
-            linear.__dict__.pop("_concat_cache", None)
+        for module in self.expert_modules():
+            del module.experts[index]
+            module.__dict__.pop("_concat_cache", None)
         for router in self.expert_routers():
             del router.experts[index]
             router.usage = torch.cat([router.usage[:index], router.usage[index + 1 :]])
@@ -1959,6 +2063,16 @@ def best_low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return lora_a, lora_b
 
 
+def best_low_rank_factors_of_sum(pairs: list[tuple[torch.Tensor, torch.Tensor]], rank: int):
+    """`(A, B)` with `B @ A` the best rank-`rank` approximation of `sum(B_i @ A_i)`, from the factors: thin QR of the
+    stacked factors and an SVD of their small core, so the `[out, in]` product is never formed (an embedding expert's
+    would be `[hidden, vocab]`)."""
+    q_b, r_b = torch.linalg.qr(torch.cat([lora_b for lora_b, _ in pairs], dim=1))  # [out, k], [k, k]
+    q_a, r_a = torch.linalg.qr(torch.cat([lora_a for _, lora_a in pairs], dim=0).T)  # [in, k], [k, k]
+    core_a, core_b = best_low_rank_factors(r_b @ r_a.T, rank)
+    return core_a @ q_a.T, q_b @ core_b
+
+
 def old_model_kl(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over trained positions (shifted labels != -100) of KL(p_old || p_new) over the vocabulary."""
     trained = labels[:, 1:] != -100
@@ -1982,4 +2096,5 @@ def prompt_mask_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor |
 __all__ = [
     "PMoECausalLMOutputWithPast",
     "PMoEModelOutputWithPast",
-    "PMoEPreTrainedModel", "PMoEModel", "PMoEForCausalLM", "PMoELinear", "PMoERouter", "PMoERouterKey", "PMoELoRAExpert"]
+    "PMoEPreTrainedModel", "PMoEModel", "PMoEForCausalLM", "PMoELinear", "PMoEEmbedding", "PMoERouter", "PMoERouterKey",
+    "PMoELoRAExpert", "PMoEEmbeddingExpert"]

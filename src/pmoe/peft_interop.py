@@ -3,8 +3,9 @@
 
 A PMoE model made by `PMoEForCausalLM.from_dense(dense)` keeps the dense model's module names
 (`model.layers.{i}.self_attn.q_proj`, ...), and each expert is a plain LoRA (`lora_A [r, in]`, `lora_B [out, r]`,
-update `scaling * B @ A`) on some of those projections. So one expert is exactly a PEFT LoRA adapter of the dense model,
-restricted to the expert layers:
+update `scaling * B @ A`) on some of those projections, and on `model.embed_tokens` when it is targeted (PEFT's
+`lora_embedding_A [r, vocab]` / `lora_embedding_B [hidden, r]`). So one expert is exactly a PEFT LoRA adapter of the
+dense model, restricted to the expert layers:
 
 - `export_expert_to_peft(model, e, path)` writes expert `e` as a standard PEFT adapter (`adapter_config.json` +
   `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(dense, path)` loads; the dense model with it gives
@@ -25,17 +26,24 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modeling_pmoe import PMoELinear, PMoEPreTrainedModel
+from .configuration_pmoe import EMBEDDING_TARGET
+from .modeling_pmoe import PMoEEmbedding, PMoEExperts, PMoELinear, PMoEPreTrainedModel
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+EMBEDDING_MODULE = f"model.{EMBEDDING_TARGET}"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 # PEFT saves adapter tensors under the wrapped model's name, without the adapter name: `base_model.model.<module>.lora_A.weight`.
 PEFT_KEY_PREFIX = "base_model.model."
-_KEY_PATTERN = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+# Embeddings: `<module>.lora_embedding_A` / `.lora_embedding_B` (no `.weight`).
+_KEY_PATTERN = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<embedding>A|B))$"
+)
+# PEFT also saves the (unchanged) base embedding of an adapter that targets it (`save_embedding_layers="auto"`).
+_EMBEDDING_BASE_KEY = f"{PEFT_KEY_PREFIX}{EMBEDDING_MODULE}.base_layer.weight"
 _MODULE_PATTERN = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<name>[A-Za-z0-9_]+)$")
 # `init_lora_weights` values whose adapters only reproduce the fine-tuned model on a base whose weights PEFT modified
 # (PiSSA/OLoRA/CorDA/LoRA-GA residual, LoftQ quantisation), unless converted with
@@ -62,23 +70,36 @@ def _unwrap(linear):
     return getattr(linear, "base_layer", linear)
 
 
-def _expert_linears_by_dense_name(model: PMoEPreTrainedModel) -> dict[str, PMoELinear]:
+def _expert_modules_by_dense_name(model: PMoEPreTrainedModel) -> dict[str, PMoEExperts]:
     """`{dense module name: PMoELinear}` for every projection that carries experts, in layer order, named as in the
-    dense causal LM (`model.layers.{i}.self_attn.q_proj`)."""
+    dense causal LM (`model.layers.{i}.self_attn.q_proj`), then `{"model.embed_tokens": PMoEEmbedding}` when the
+    embedding carries experts."""
     if not isinstance(model, PMoEPreTrainedModel):
         raise TypeError(f"Expected a PMoE model (PMoEPreTrainedModel), got {type(model).__name__}.")
     config = model.config
     layers = model._pmoe_model().layers
-    linears = {}
+    modules = {}
     for layer_idx in config.expert_layer_indices:
         layer = layers[layer_idx]
-        for name in config.expert_target_modules:
+        for name in config.expert_projections:
             block = "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
             linear = _unwrap(getattr(getattr(layer, block), name))
             if not isinstance(linear, PMoELinear) or not linear.with_experts:
                 raise TypeError(f"model.layers.{layer_idx}.{block}.{name} is not a PMoELinear with experts.")
-            linears[f"model.layers.{layer_idx}.{block}.{name}"] = linear
-    return linears
+            modules[f"model.layers.{layer_idx}.{block}.{name}"] = linear
+    if config.expert_embeddings:
+        embedding = _unwrap(model._pmoe_model().embed_tokens)
+        if not isinstance(embedding, PMoEEmbedding) or not embedding.with_experts:
+            raise TypeError(f"{EMBEDDING_MODULE} is not a PMoEEmbedding with experts.")
+        modules[EMBEDDING_MODULE] = embedding
+    return modules
+
+
+def _peft_keys(module_name: str) -> tuple[str, str]:
+    """PEFT's saved names of a module's LoRA A and B."""
+    if module_name == EMBEDDING_MODULE:
+        return f"{PEFT_KEY_PREFIX}{module_name}.lora_embedding_A", f"{PEFT_KEY_PREFIX}{module_name}.lora_embedding_B"
+    return f"{PEFT_KEY_PREFIX}{module_name}.lora_A.weight", f"{PEFT_KEY_PREFIX}{module_name}.lora_B.weight"
 
 
 def _lora_config_fields(config) -> dict:
@@ -112,8 +133,10 @@ def export_expert_to_peft(
     `adapter_config.json` (`r=expert_rank`, `lora_alpha=expert_alpha`, `use_rslora`, `lora_dropout=expert_dropout`,
     `target_modules=expert_target_modules`, `layers_to_transform` = the expert layers with `layers_pattern="layers"`
     unless experts are in every layer, `bias="none"`) and `adapter_model.safetensors` with PEFT's key names
-    (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, ...). Every targeted projection of every
-    expert layer is written, in the model's dtype. Loaded on the dense model the converted PMoE model came from,
+    (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, ...; `...embed_tokens.lora_embedding_A` /
+    `_B` for an embedding expert). Every targeted module of every expert layer is written, in the model's dtype. The
+    unchanged base embedding, which PEFT also saves for an adapter on the embedding (`save_embedding_layers`), is left
+    out. Loaded on the dense model the converted PMoE model came from,
     `PeftModel.from_pretrained(dense, save_directory)` computes what the PMoE model computes with the gate forced to
     this expert (`routing_weights` one-hot on it); routers and the other experts are not part of the adapter.
 
@@ -130,10 +153,11 @@ def export_expert_to_peft(
         raise IndexError(f"expert index {expert_index!r} out of range: the model has {config.num_experts} experts.")
 
     state_dict = {}
-    for module_name, linear in _expert_linears_by_dense_name(model).items():
-        expert = linear.experts[expert_index]
-        state_dict[f"{PEFT_KEY_PREFIX}{module_name}.lora_A.weight"] = expert.lora_A.detach().contiguous().clone().cpu()
-        state_dict[f"{PEFT_KEY_PREFIX}{module_name}.lora_B.weight"] = expert.lora_B.detach().contiguous().clone().cpu()
+    for module_name, module in _expert_modules_by_dense_name(model).items():
+        expert = module.experts[expert_index]
+        key_a, key_b = _peft_keys(module_name)
+        state_dict[key_a] = expert.lora_A.detach().contiguous().clone().cpu()
+        state_dict[key_b] = expert.lora_B.detach().contiguous().clone().cpu()
 
     lora_config = peft.LoraConfig(
         task_type=task_type,
@@ -220,10 +244,10 @@ def _check_lora_config(lora_config, config, problems: list[str]):
     if isinstance(targets, (list, tuple, set)):
         for target in sorted(targets):
             name = target.rsplit(".", 1)[-1]
-            if name in EMBEDDING_NAMES:
+            if name in EMBEDDING_NAMES and name not in config.expert_target_modules:
                 problems.append(
                     f"target module {target!r}: embedding / LM-head LoRA is not representable (PMoE experts live "
-                    f"only on the projections {list(config.expert_target_modules)})."
+                    f"only on {list(config.expert_target_modules)})."
                 )
             elif name not in config.expert_target_modules:
                 problems.append(
@@ -232,10 +256,15 @@ def _check_lora_config(lora_config, config, problems: list[str]):
                 )
 
 
-def _check_tensors(state_dict, lora_config, config, linears, problems: list[str]) -> dict:
+def _check_tensors(state_dict, lora_config, config, modules, problems: list[str]) -> dict:
     """Tensor-level checks; returns `{dense module name: (lora_A, lora_B, adapter scaling)}` for a valid adapter."""
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
+        if key == _EMBEDDING_BASE_KEY and EMBEDDING_MODULE in modules:
+            if not torch.equal(tensor.to(modules[EMBEDDING_MODULE].weight), modules[EMBEDDING_MODULE].weight):
+                problems.append(f"adapter tensor {key!r} differs from this model's token embedding: the adapter "
+                                "changes the base embedding, or was trained on another base model.")
+            continue
         match = _KEY_PATTERN.match(key)
         if match is None:
             problems.append(
@@ -246,7 +275,8 @@ def _check_tensors(state_dict, lora_config, config, linears, problems: list[str]
         module_name = match["module"]
         if module_name.startswith("layers."):  # an adapter of the bare decoder (`LlamaModel`): same modules
             module_name = f"model.{module_name}"
-        by_module.setdefault(module_name, {})[match["factor"]] = tensor
+        factor = match["factor"] or f"lora_{match['embedding']}"
+        by_module.setdefault(module_name, {})[factor] = tensor
     if not by_module and not problems:
         problems.append("the adapter holds no LoRA tensors.")
 
@@ -254,7 +284,7 @@ def _check_tensors(state_dict, lora_config, config, linears, problems: list[str]
     entries = {}
     for module_name in sorted(by_module):
         factors = by_module[module_name]
-        if module_name not in linears:
+        if module_name not in modules:
             parts = _MODULE_PATTERN.match(module_name)
             short = module_name.rsplit(".", 1)[-1]
             if short in EMBEDDING_NAMES:
@@ -281,15 +311,16 @@ def _check_tensors(state_dict, lora_config, config, linears, problems: list[str]
             problems.append(f"adapter module {module_name!r} has {sorted(factors)} but needs both lora_A and lora_B.")
             continue
         lora_a, lora_b = factors["lora_A"], factors["lora_B"]
-        linear = linears[module_name]
+        in_features, out_features = modules[module_name]._expert_shape
         rank = _pattern_value(lora_config.rank_pattern, module_name, lora_config.r)
         alpha = _pattern_value(lora_config.alpha_pattern, module_name, lora_config.lora_alpha)
-        expected_a, expected_b = (rank, linear.in_features), (linear.out_features, rank)
+        expected_a, expected_b = (rank, in_features), (out_features, rank)
         if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
+            kind = "embedding" if module_name == EMBEDDING_MODULE else "linear"
             problems.append(
                 f"adapter module {module_name!r} has lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)}, "
-                f"expected {expected_a} / {expected_b} (rank {rank} on a {linear.in_features} -> "
-                f"{linear.out_features} linear): was it trained on another base model?"
+                f"expected {expected_a} / {expected_b} (rank {rank} on a {in_features} -> {out_features} {kind}): "
+                "was it trained on another base model?"
             )
             continue
         if rank > config.expert_rank:
@@ -315,9 +346,9 @@ def import_peft_adapter(
     run code: convert a trusted one by loading it with PEFT and saving it again (safetensors by default). Every check
     runs before the expert is added, so a refused adapter leaves the model unchanged. The adapter is refused
     (`ValueError` naming the problem) when it is not a LoRA; uses DoRA or another LoRA variant, `bias != "none"`,
-    `modules_to_save`, or a base-modifying initialisation (PiSSA, LoftQ, ... unconverted); targets embeddings / the LM
-    head, a projection outside `config.expert_target_modules`, or a layer without experts (the shallow layers when
-    `expert_layers="deep"`); or has a rank above `config.expert_rank`.
+    `modules_to_save`, or a base-modifying initialisation (PiSSA, LoftQ, ... unconverted); targets the LM head, a
+    module outside `config.expert_target_modules` (the embedding included), or a layer without experts (the shallow
+    layers when `expert_layers="deep"`); or has a rank above `config.expert_rank`.
 
     Rank and scale: a module of rank `r_a < expert_rank` is zero-padded (extra rows of A and columns of B are 0, so
     `B @ A` is unchanged and the padding stays 0 under training). PEFT scales the update by `s_a = alpha / r_a`
@@ -327,7 +358,8 @@ def import_peft_adapter(
     update equals the adapter's up to float rounding). The adapter's `lora_dropout` is a training setting and is not
     carried over (the expert uses `config.expert_dropout`).
 
-    Projections the adapter does not target keep a zero LoRA B (no update there). The new expert is added with
+    Modules the adapter does not target get no update (a zero LoRA B, or a zero A for the embedding). PEFT saves the
+    base embedding of an adapter that targets it; it must equal this model's. The new expert is added with
     `model.add_expert(task, freeze_previous)` (trainable, `training_expert`). With Gaussian router keys its key is
     unfitted and scores `-inf` until features are accumulated for it (train on the task, or force routing with
     `routing_weights`); with learned keys it starts at zero.
@@ -349,18 +381,17 @@ def import_peft_adapter(
     _check_lora_config(peft_config, config, problems)
     entries = {}
     if not problems:
-        linears = _expert_linears_by_dense_name(model)
-        entries = _check_tensors(_load_adapter_state_dict(adapter_path), peft_config, config, linears, problems)
+        modules = _expert_modules_by_dense_name(model)
+        entries = _check_tensors(_load_adapter_state_dict(adapter_path), peft_config, config, modules, problems)
     if problems:
         raise ValueError(f"Cannot import the PEFT adapter {adapter_path!r} as a PMoE expert:\n- " + "\n- ".join(problems))
 
     index = model.add_expert(task, freeze_previous=freeze_previous)
     target_scaling = config.expert_scaling
-    for module_name, linear in _expert_linears_by_dense_name(model).items():
-        expert = linear.experts[index]
+    for module_name, module in _expert_modules_by_dense_name(model).items():
+        expert = module.experts[index]
         if module_name not in entries:
-            expert.lora_B.zero_()  # not targeted: no update (add_expert already made B zero)
-            continue
+            continue  # not targeted: no update (add_expert made B zero, or A for the embedding)
         lora_a, lora_b, scaling = entries[module_name]
         rank = lora_a.shape[0]
         if scaling != target_scaling:
