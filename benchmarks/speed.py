@@ -6,7 +6,9 @@ layer with the same rank and targets, and full fine-tuning.
 
 - prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache):
   PMoE with 1, 4, 8, 16, 32 and 50 experts, every expert used ("dense": equal gates) and top-2 routing, against Llama;
-- one training step (forward + backward + AdamW step): PMoE training its newest expert, PEFT LoRA, full fine-tuning;
+- one training step (forward + backward + AdamW step): PMoE training its newest expert (`pmoe`: its router key has
+  seen `router_fit_sequences` sequences, the steady state of a task; `pmoe-fitting-key`: a task's first steps, which
+  also run the expert-free pass that fits the key), PEFT LoRA, full fine-tuning;
 - peak memory of each case (CPU: peak resident set, reset before each case; CUDA: peak allocated), and parameters /
   checkpoint bytes added per task.
 
@@ -188,6 +190,13 @@ def build_training_model(name, shape, device, dtype):
         )
     model = make_pmoe(make_llama(shape, device, dtype), shape, 1, None)
     model.training_expert = 0
+    key = model.model.routers[0].experts[0]
+    with torch.no_grad():
+        if name == "pmoe-fitting-key":  # a new task's first steps: the expert-free pass fits the key
+            for statistic in key.statistics:
+                getattr(key, statistic).zero_()
+        else:  # the rest of the task: the key has seen router_fit_sequences sequences
+            key.count.fill_(model.config.router_fit_sequences)
     return model
 
 
@@ -250,6 +259,7 @@ def main():
     if args.memory_case:
         return run_memory_case(args.memory_case, shape, device, dtype)
 
+    started = time.time()
     input_ids, labels = inputs(shape, device)
     results = {"shape": {k: v for k, v in shape.items() if k not in ("repeats", "warmup")},
                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
@@ -283,7 +293,7 @@ def main():
     results["llama_prefill_peak_bytes"] = peak_memory_of("prefill:llama", args)
 
     # Training: full fine-tuning, PEFT LoRA on every layer, PMoE training its newest expert: interleaved steps.
-    names = ["full-finetuning", "peft-lora-all-layers", "pmoe"]
+    names = ["full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-key"]
     models = {name: build_training_model(name, shape, device, dtype) for name in names}
     steps = paired_medians({name: training_step_fn(models[name], input_ids, labels) for name in names},
                            device, args.repeats, args.warmup)
@@ -302,6 +312,7 @@ def main():
     results["per_task"] = {"parameters_added": added, "checkpoint_bytes_added": added_bytes,
                            "base_parameters": sum(p.numel() for p in llama.parameters())}
 
+    results["wall_seconds"] = time.time() - started
     os.makedirs(args.output_dir, exist_ok=True)
     stem = os.path.join(args.output_dir, ("speed" if args.expert_layers == "all" else "speed-deep")
                         + ("-quick" if args.quick else ""))
@@ -346,7 +357,8 @@ def markdown(results) -> str:
     per_task = results["per_task"]
     lines += ["", f"Per task: {per_task['parameters_added']:,} parameters "
               f"({100 * per_task['parameters_added'] / per_task['base_parameters']:.2f}% of the base model), "
-              f"{per_task['checkpoint_bytes_added'] / 2**20:.2f} MiB of checkpoint.", ""]
+              f"{per_task['checkpoint_bytes_added'] / 2**20:.2f} MiB of checkpoint.",
+              "", f"Wall time of the whole run: {results['wall_seconds'] / 60:.1f} minutes.", ""]
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ def test_speed_benchmark_quick_runs(tmp_path):
     results = json.loads((tmp_path / "speed-quick.json").read_text())
     assert {"pmoe-1-dense", "pmoe-4-dense", "pmoe-4-top2"} <= set(results["inference"])
     assert all(row["prefill_ratio"] > 0 for row in results["inference"].values())
-    assert {"full-finetuning", "peft-lora-all-layers", "pmoe"} <= set(results["training"])
+    assert {"full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-key"} <= set(results["training"])
+    assert results["wall_seconds"] > 0
     assert results["per_task"]["parameters_added"] > 0
     assert "| pmoe-4-top2 |" in (tmp_path / "speed-quick.md").read_text()
 

@@ -165,3 +165,88 @@ def test_router_can_read_an_earlier_layer():
     torch.testing.assert_close(out.router_logits[0], expected.reshape(-1, 2))
     with pytest.raises(ValueError, match=r"PMoEConfig.router_input_layer must be an integer in \[0, num_shallow_layers\]"):
         make_pmoe(router_input_layer=3)
+
+
+# ------------------------------------------------------------------------ bounded key fitting (no pre-pass tax)
+def shallow_calls(model):
+    """Counts the forwards of layer 0 (two per training step while the expert-free pass runs, one after)."""
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("keys", ["lda", "gaussian"])
+def test_a_key_fitted_on_enough_sequences_stops_the_expert_free_pass_and_changes_nothing_else(keys):
+    bounded = make_pmoe(router_keys=keys, router_fit_sequences=12)
+    unbounded = make_pmoe(router_keys=keys, router_fit_sequences=None)
+    for model in (bounded, unbounded):
+        model.add_expert("a")
+        model.add_expert("b")
+        randomize_experts(model, [0])
+        model.train()  # no dropout in the tiny config: forwards are deterministic
+    unbounded.load_state_dict(bounded.state_dict())
+    calls = shallow_calls(bounded)
+    for step in range(4):  # batches of 8: the key has seen 8, 16 (>= 12: enough), then stops growing
+        input_ids, labels = task_batch(1, seed=step)
+        calls.clear()
+        logits = bounded(input_ids=input_ids, labels=labels).logits
+        assert len(calls) == (2 if step < 2 else 1)
+        assert torch.equal(logits, unbounded(input_ids=input_ids, labels=labels).logits)  # same forced gate
+    key = bounded.model.routers[0].experts[1]
+    assert key.count == 16 and unbounded.model.routers[0].experts[1].count == 32
+    assert bounded.model.routers[0].usage.tolist() == unbounded.model.routers[0].usage.tolist()  # usage still counted
+    assert bounded.model.routers[0].experts[0].count == unbounded.model.routers[0].experts[0].count  # old key as it was
+
+
+def test_the_bound_is_per_key_and_rechecked_after_loading_statistics():
+    model = make_pmoe(router_fit_sequences=8)
+    model.add_expert("a")
+    model.train()
+    calls = shallow_calls(model)
+    input_ids, labels = task_batch(0)
+    model(input_ids=input_ids, labels=labels)
+    calls.clear()
+    model(input_ids=input_ids, labels=labels)
+    assert len(calls) == 1  # fitted enough
+    model.add_expert("b")  # a new task: its key is empty, so the pass runs again
+    calls.clear()
+    model(input_ids=input_ids, labels=labels)
+    assert len(calls) == 2
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state["model.routers.0.experts.1.count"].zero_()  # e.g. resuming from an earlier checkpoint of the task
+    state["model.routers.0.experts.1.feature_sum"].zero_()
+    state["model.routers.0.experts.1.feature_outer_sum"].zero_()
+    model(input_ids=input_ids, labels=labels)
+    model.load_state_dict(state)
+    calls.clear()
+    model(input_ids=input_ids, labels=labels)
+    assert len(calls) == 2 and model.model.routers[0].experts[1].count == 8
+
+
+def test_distillation_and_router_logits_keep_the_expert_free_pass():
+    model = make_pmoe(router_fit_sequences=1, distillation_alpha=0.5)
+    model.add_expert("a")
+    model.add_expert("b")
+    randomize_experts(model, [0])
+    model.train()
+    calls = shallow_calls(model)
+    for _ in range(2):
+        input_ids, labels = task_batch(1)
+        calls.clear()
+        model(input_ids=input_ids, labels=labels)
+        assert len(calls) == 3  # expert-free pass (the old model's gate needs its logits), main and old-model passes
+    calls.clear()
+    model.model(input_ids=input_ids, output_router_logits=True)
+    assert len(calls) == 2
+
+
+def test_packed_rows_count_their_sequences_without_the_pass():
+    model = make_pmoe(router_fit_sequences=1)
+    model.add_expert("a")
+    model.train()
+    input_ids, labels = task_batch(0, batch=1)
+    model(input_ids=input_ids, labels=labels)  # fits the key
+    usage = model.model.routers[0].usage.clone()
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]])  # three packed sequences
+    model(input_ids=input_ids, labels=labels, position_ids=position_ids)
+    assert model.model.routers[0].usage[0] == usage[0] + 3

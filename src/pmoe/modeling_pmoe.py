@@ -332,6 +332,18 @@ class PMoERouterKey(nn.Module):
         else:
             self.feature_outer_sum += features.T @ features
 
+    def has_seen(self, sequences: int | None) -> bool:
+        """Whether a fitted key's count has reached `sequences` (`None`: never). The answer is cached until the count
+        changes (tensor version counter), so once a key is fitted enough, asking costs no device-to-host read."""
+        if sequences is None or self.kind == "learned":
+            return False
+        version = (self.count._version, self.count.data_ptr())
+        cached = self.__dict__.get("_has_seen")
+        if cached is None or cached[:2] != (version, sequences):
+            cached = (version, sequences, bool(self.count >= sequences))
+            self.__dict__["_has_seen"] = cached
+        return cached[2]
+
     def gaussian(self, variance_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(mean, variance, fitted)` of a Gaussian key."""
         count = self.count.clamp_min(1.0)
@@ -1393,7 +1405,7 @@ class PMoEModel(PMoEPreTrainedModel):
         logits, gates = router(features, routing_mask)
         forced = self._training_expert if self.training and self.config.router_keys_are_fitted else None
         if self.training:
-            if forced is not None:
+            if forced is not None and not router.experts[forced].has_seen(self.config.router_fit_sequences):
                 selected = features.reshape(-1, features.shape[-1])
                 router.experts[forced].accumulate(selected if real is None else selected[real.reshape(-1)])
             router.record(gates, real, forced)
@@ -1408,6 +1420,27 @@ class PMoEModel(PMoEPreTrainedModel):
         if sequence_ids is not None:
             gates = gates.gather(1, sequence_ids[..., None].expand(-1, -1, gates.shape[-1]))
         return gates.to(hidden_states.dtype), logits
+
+    def _key_is_fitted(self, needs_router_logits: bool) -> bool:
+        """Training an expert whose fitted key has seen `router_fit_sequences` sequences: its gate is forced, so the
+        expert-free pass would only refit the key and fill the logs, and is skipped. Distillation and router-logit
+        outputs still need the router's logits."""
+        config, expert = self.config, self._training_expert
+        return (
+            self.training and expert is not None and config.router_keys_are_fitted and not needs_router_logits
+            and self.routers[0].experts[expert].has_seen(config.router_fit_sequences)
+        )
+
+    def _training_gate(self, inputs_embeds: torch.Tensor, sequence_ids: torch.Tensor | None) -> torch.Tensor:
+        """The gate of `_route` with the trained expert forced, `[B, 1, E]` one-hot, without routing; the expert's
+        usage grows by the batch's sequences, as in `_route`."""
+        expert = self._training_expert
+        gates = inputs_embeds.new_zeros(inputs_embeds.shape[0], 1, self.config.num_experts)
+        gates[..., expert] = 1.0
+        with torch.no_grad():
+            sequences = inputs_embeds.shape[0] if sequence_ids is None else (sequence_ids.amax(dim=1) + 1).sum()
+            self.routers[0].usage[expert] += sequences
+        return gates
 
     def _carried_gate(self, cache: Cache | None, routing_weights: torch.Tensor | None, batch_size: int):
         """Sequence routing: the gate given, else the one the cache carries from the prompt that filled it.
@@ -1529,8 +1562,13 @@ class PMoEModel(PMoEPreTrainedModel):
         first_deep = config.num_shallow_layers
         expert_gates = None
         router_logits = ()
+        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         if sequence_routing and routing_weights is not None:  # shape and values checked by check_model_inputs
             expert_gates = routing_weights[:, None, :].to(inputs_embeds.dtype)
+        elif sequence_routing and config.expert_layers == "all" and self._key_is_fitted(
+            compute_old_model or output_router_logits
+        ):
+            expert_gates = self._training_gate(inputs_embeds, sequence_ids)
         elif sequence_routing and config.expert_layers == "all":
             boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
             expert_gates, logits = self._route(self.routers[0], boundary, routing_mask, sequence_ids)
@@ -1579,7 +1617,6 @@ class PMoEModel(PMoEPreTrainedModel):
             sequence_gates = expert_gates[:, 0, :].float()
             if use_cache and cache is not None:
                 cache.pmoe_routing_weights = sequence_gates
-        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         return PMoEModelOutputWithPast(
             last_hidden_state=hidden_states,
             router_logits=router_logits if output_router_logits and has_experts else None,
