@@ -16,7 +16,7 @@ Variants:
   lora-embedding                ... and on the token embedding (what pmoe's experts target by default)
   lora-embedding-head           ... and on both
 
-    python benchmarks/lora_targets.py --tasks reverse --seeds 0 1 2 3 4 --threads 1    # about 15 minutes
+    python benchmarks/lora_targets.py --threads 1    # reverse, seeds 0-4: about 15 minutes
 """
 
 import argparse
@@ -71,7 +71,8 @@ def main():
     parser.add_argument("--cache-dir", default=None, help="where the pretrained base is cached")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a few steps and examples, to keep the script working")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "lora-targets.json"))
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "plasticity",
+                                                         "lora-targets.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

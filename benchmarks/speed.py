@@ -35,6 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import pmoe  # noqa: E402
+from pmoe.modeling_pmoe import CACHE_KWARG  # noqa: E402
 
 
 FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
@@ -145,13 +146,13 @@ def decode_fn(model, input_ids, steps, device, sequence_routing):
     @torch.no_grad()
     def decode():
         out = model(input_ids=input_ids, use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_KWARG)  # transformers >= 5.24 names it `cache`
         kwargs = {"routing_weights": out.routing_weights} if sequence_routing else {}
         token = out.logits[:, -1:].argmax(-1)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
+            out = model(input_ids=token, use_cache=True, **{CACHE_KWARG: cache}, **kwargs)
             token = out.logits[:, -1:].argmax(-1)
         synchronize(device)
         return (time.perf_counter() - start) / steps
@@ -335,8 +336,10 @@ def markdown(results) -> str:
         f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on {', '.join(targets(shape))}, batch 1, "
         f"{shape['seq']} prompt tokens, {shape['decode']} decoded; {results['device']} {results['dtype']}, "
         f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs; "
-        "each ratio is against the same-weights Llama timed alongside it. Sequence routing with Gaussian keys: "
-        "\"dense\" gives every expert an equal gate (all of them computed), \"top2\" two.",
+        "each ratio is against the same-weights Llama timed alongside it. Sequence routing with identical fitted "
+        "keys (the default kind): \"dense\" gives every expert an equal gate (all of them computed), \"top2\" two. "
+        "Training: `pmoe` is a task's steady state (its key has seen `router_fit_sequences` sequences), "
+        "`pmoe-fitting-key` its first steps, which also run the expert-free pass that fits the key.",
         "",
         "| model | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak memory (MiB) |",
         "|---|---|---|---|---|---|",

@@ -176,8 +176,8 @@ def test_sequences_beyond_max_position_embeddings_extrapolate_like_llama():
     model.add_expert("task")
     randomize_experts(model)
     with torch.no_grad():
-        for linear in model.expert_linears():
-            linear.experts[0].lora_B.zero_()  # a no-op expert, so the logits must be Llama's
+        for module in model.expert_modules():
+            module.experts[0].lora_B.zero_()  # a no-op expert, so the logits must be Llama's
     length = TINY["max_position_embeddings"] + 40
     input_ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), warnings.catch_warnings():

@@ -21,6 +21,9 @@ def test_defaults_and_derived_fields():
     deep = PMoEConfig(**TINY, expert_layers="deep")  # embedding experts need the expert-free pass of layout "all"
     assert deep.expert_target_modules == list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)
     assert not deep.expert_embeddings
+    # Checkpoints saved before embedding experts wrote their target list out: it keeps meaning the same modules.
+    saved = PMoEConfig.from_dict(PMoEConfig(**TINY, expert_target_modules=["q_proj", "v_proj"]).to_dict())
+    assert saved.expert_target_modules == ["q_proj", "v_proj"] and not saved.expert_embeddings
     assert config.num_experts == 0 and config.expert_tasks == []
     assert config.router_top_k is None and config.effective_top_k == 0
     assert config.layer_types == ["full_attention"] * 4

@@ -30,6 +30,18 @@ def test_converted_model_matches_dense_before_and_after_growth(family, padding_s
         assert max_diff_on_real_tokens(got, expected, attention_mask) <= 1e-5
 
 
+def test_conversion_with_a_hidden_size_above_the_router_projection():
+    # Real models (hidden 4096 > router_projection_size 256) get an LDA projection buffer, which no dense checkpoint
+    # has: conversion must build it, not refuse the weights as misaligned.
+    dense = make_dense("llama")
+    model = PMoEForCausalLM.from_dense(dense, num_shallow_layers=2, router_projection_size=8).eval()
+    assert model.model.routers[0].projection.shape == (8, TINY["hidden_size"])
+    input_ids, attention_mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=attention_mask).logits,
+                                   dense(input_ids=input_ids, attention_mask=attention_mask).logits)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_conversion_copies_every_weight_and_keeps_the_source(family):
     dense = make_dense(family)

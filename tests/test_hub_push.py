@@ -64,7 +64,7 @@ def test_push_grow_push_and_load_each_revision_as_remote_code(tmp_path):
     model.record_task_scores({"support": 0.9})
     snapshot("v1")
     model.add_expert("sql")  # growth: one more expert, the first one frozen
-    randomize_experts(model, [1], seed=2)
+    randomize_experts(model, [1], seed=3)  # a key that routes the test batch to the new expert
     model.record_task_scores({"support": 0.9, "sql": 0.7})
     snapshot("v2")
     assert not torch.equal(data["logits-v1"], data["logits-v2"])

@@ -1829,7 +1829,8 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             config, dtype=dense.dtype, attn_implementation=dense.config._attn_implementation
         )
         missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
-        missing = [name for name in missing if not name.endswith("usage")]  # PMoE-only statistics, zero as built
+        # PMoE-only tensors: the routers (usage counts, the LDA projection), built as a fresh model has them.
+        missing = [name for name in missing if "routers" not in name.split(".")]
         if missing or unexpected:
             raise ValueError(
                 f"Converting {type(dense).__name__} to PMoE: weights do not line up (missing {missing}, "
