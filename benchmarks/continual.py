@@ -147,8 +147,9 @@ def o_lora(base, tokenizer, data, tasks, args, seed, workdir, row_of):
         train_task(peft_model, data[task]["rows"], tokenizer, args.steps_per_task, args.expert_lr, workdir, seed=seed,
                    trainer_class=OrthogonalLoRATrainer, trainer_kwargs={"old_lora_a": old_lora_a})
         for name, module in peft_model.named_modules():
-            if hasattr(module, "lora_A") and lora_a_of(module) is not None:
-                old_lora_a.setdefault(name, []).append(lora_a_of(module).detach().clone())
+            lora_a = lora_a_of(module) if hasattr(module, "lora_A") else None
+            if lora_a is not None:
+                old_lora_a.setdefault(name, []).append(lora_a.detach().clone())
         model = peft_model.merge_and_unload()  # frozen, summed: the earlier adapters become part of the base
         matrix.append(row_of(model))
     return matrix, info
@@ -302,13 +303,15 @@ def main():
                         help="torch CPU threads (default: torch's); 1 lets two runs share a 2-core machine fairly")
     parser.add_argument("--quick", action="store_true", help="a few steps and examples, to keep the script working")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--name", default=None,
+                        help="results file stem (default: continual, or continual-<suite> for another suite)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     if args.methods is None:
         args.methods = SUITES[args.suite]
-    name = "continual" if args.suite == "main" else f"continual-{args.suite}"
+    name = args.name or ("continual" if args.suite == "main" else f"continual-{args.suite}")
     if args.quick:
         args.steps_per_task, args.train_examples, args.test_examples, args.pretrain_steps = 2, 64, 8, 3
         args.seeds = args.seeds[:1]
