@@ -19,8 +19,9 @@ BPE tokenizer it trains, both cached (`--cache-dir`); or any Llama-family checkp
 
 Modes:
   --routing-only   fit each router key kind on every task's training prompts (no expert training: with the default
-                   layout the gate comes from an expert-free pass, so routing does not depend on the experts) and
-                   report routing accuracy per task; seconds to minutes
+                   layout the gate comes from an expert-free pass, the dense base's forward, so routing does not
+                   depend on the experts) and report routing accuracy per task; `--router-input-layers 0 1 2`
+                   compares where the router reads (one base forward serves every kind and layer); minutes
   (default)        the methods of benchmarks/continual.py (pmoe variants, sequential fine-tuning / LoRA, O-LoRA,
                    replay, multitask) on the same base, data, steps and seeds: LA / OP / BWT / FWT, and for pmoe the
                    routing accuracy per task after the last task
@@ -269,19 +270,46 @@ def routing_accuracy(model, tokenizer, data, tasks, max_tokens, batch_size=64):
 
 
 @torch.no_grad()
-def fit_keys(model, tokenizer, data, tasks, max_tokens, batch_size=64):
-    """Grow one expert per task and fit its key on the task's training prompts, as the callback would while training
-    it (the forced expert's key accumulates the routing features), without training the experts."""
-    for task in tasks:
-        index = model.add_expert(task)
-        model.training_expert = index
-        model.train()
-        examples = data[task]["train"]
-        for start in range(0, len(examples), batch_size):
-            input_ids, attention_mask = left_padded(tokenizer, examples[start : start + batch_size], max_tokens)
-            model(input_ids=input_ids, attention_mask=attention_mask)
-    model.training_expert = None
-    return model.eval()
+def pooled_router_features(base, tokenizer, examples, routers, max_tokens, batch_size=64):
+    """`{(kind, layer): [n, P] features}`: each example's prompt as the router of that kind, reading the input of that
+    layer, pools it. The default layout routes from an expert-free pass, which is the dense base model: one forward of
+    the base gives every layer's hidden states, so the router kinds and layers are compared on the same pass."""
+    pooled = {name: [] for name in routers}
+    for start in range(0, len(examples), batch_size):
+        input_ids, attention_mask = left_padded(tokenizer, examples[start : start + batch_size], max_tokens)
+        hidden_states = base.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_hidden_states=True).hidden_states
+        for (kind, layer), router in routers.items():
+            features, _ = router.features(hidden_states[layer], attention_mask)
+            pooled[(kind, layer)].append(features[:, 0])
+    return {name: torch.cat(chunks) for name, chunks in pooled.items()}
+
+
+@torch.no_grad()
+def routing_only(base, tokenizer, data, tasks, kinds, layers, max_tokens):
+    """Per router kind and input layer: grow one expert per task, fit its key on the task's training prompts (what the
+    callback does while training it), then route every task's test prompts. Returns `{label: routing_accuracy}`."""
+    models = {}
+    for kind in kinds:
+        for layer in layers:
+            options = {} if layer is None else {"router_input_layer": layer}
+            model = PMoEForCausalLM.from_dense(copy.deepcopy(base), router_keys=kind, **options).eval()
+            models[(kind, model.config.router_input_layer)] = model
+    routers = {name: model.model.routers[0] for name, model in models.items()}
+    features = {task: {split: pooled_router_features(base, tokenizer, data[task][split], routers, max_tokens)
+                       for split in ("train", "test")} for task in tasks}
+    results = {}
+    for (kind, layer), model in models.items():
+        router = routers[(kind, layer)]
+        for task in tasks:
+            router.experts[model.add_expert(task)].accumulate(features[task]["train"][(kind, layer)])
+        per_task = {}
+        for index, task in enumerate(tasks):
+            picks = router(features[task]["test"][(kind, layer)][:, None])[1][:, 0].argmax(-1).tolist()
+            per_task[task] = {"accuracy": sum(p == index for p in picks) / len(picks),
+                              "routed_to": {other: picks.count(i) for i, other in enumerate(tasks)}}
+        results[kind if layers == [None] else f"{kind}, layer {layer}"] = per_task
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -328,6 +356,9 @@ def main():
                         help="replace a task in every order, e.g. yahoo=yelp where yahoo's files are missing")
     parser.add_argument("--routing-only", action="store_true", help="router key kinds' routing accuracy only")
     parser.add_argument("--router-keys", nargs="+", default=ROUTER_KEY_KINDS, choices=ROUTER_KEY_KINDS)
+    parser.add_argument("--router-input-layers", nargs="+", type=int, default=None, metavar="LAYER",
+                        help="--routing-only: the layers whose input the router reads (0: the embeddings), one "
+                             "result per layer (default: the config's default, the shallow/deep boundary)")
     parser.add_argument("--methods", nargs="+", default=["pmoe", "pmoe-lda", "sequential-ft", "sequential-lora",
                                                           "o-lora", "replay", "multitask"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -391,13 +422,11 @@ def main():
     if args.routing_only:
         results = {}
         for order, tasks in orders.items():
-            results[order] = {}
-            for kind in args.router_keys:
-                model = PMoEForCausalLM.from_dense(copy.deepcopy(base), router_keys=kind, expert_rank=args.rank)
-                fit_keys(model, tokenizer, data, tasks, args.max_tokens)
-                results[order][kind] = routing_accuracy(model, tokenizer, data, tasks, args.max_tokens)
-                print(f"order {order} {kind}: " + ", ".join(
-                    f"{t} {100 * r['accuracy']:.1f}" for t, r in results[order][kind].items()), flush=True)
+            results[order] = routing_only(base, tokenizer, data, tasks, args.router_keys,
+                                          args.router_input_layers or [None], args.max_tokens)
+            for label, per_task in results[order].items():
+                print(f"order {order} {label}: " + ", ".join(
+                    f"{t} {100 * r['accuracy']:.1f}" for t, r in per_task.items()), flush=True)
         record.update(routing=results, seconds=time.time() - started)
         text = routing_markdown(results, args)
     else:

@@ -8,9 +8,9 @@ LA (learning accuracy, the diagonal), OP (overall performance, the last row), BW
 task, parameters added per task, wall time.
 
 Methods (`--suite main`, the default):
-  pmoe                  library defaults (experts in every layer gated from the boundary features, sequence
-                        routing, Gaussian keys)
+  pmoe                  library defaults (experts in every layer and on the embedding, sequence routing, LDA keys)
   pmoe-deep-only        experts in the deep layers only: the PMoE paper's asymmetric layout (`expert_layers="deep"`)
+  pmoe-router-layer0    the router reads the token embeddings (no expert-free pass before the first layer)
   pmoe-router-layer1    the router reads the first layer's output instead of the boundary
   pmoe-distill          + Lifelong-MoE distillation (alpha 0.5)
   pmoe-merge            + expert merging every 100 steps (svd)
@@ -60,16 +60,17 @@ from transformers import Trainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from pmoe import PMoEContinualCallback, PMoEForCausalLM  # noqa: E402
-from pmoe.configuration_pmoe import EMBEDDING_TARGET, EXPERT_TARGET_MODULES  # noqa: E402
+from pmoe.configuration_pmoe import default_expert_target_modules  # noqa: E402
 from pmoe.demo import DEMO_TASKS, encode, evaluate, pretrained_base, train_task  # noqa: E402
 from pmoe.metrics import continual_metrics  # noqa: E402
 from pmoe.tasks import task_splits  # noqa: E402
 
 
-TARGETS = [*EXPERT_TARGET_MODULES, EMBEDDING_TARGET]  # the experts' default targets: 7 projections and the embedding
+TARGETS = default_expert_target_modules("all")  # the experts' default targets: 7 projections and the embedding
 PMOE_OPTIONS = {
     "pmoe": {},
     "pmoe-deep-only": {"expert_layers": "deep"},
+    "pmoe-router-layer0": {"router_input_layer": 0},
     "pmoe-router-layer1": {"router_input_layer": 1},
     "pmoe-distill": {"distillation_alpha": 0.5},
     "pmoe-merge": {},

@@ -4,8 +4,11 @@
 Peers: `LlamaForCausalLM` with the same weights (the floor: PMoE without experts is that model), PEFT LoRA on every
 layer with the same rank and targets, and full fine-tuning.
 
-- prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache):
-  PMoE with 1, 4, 8, 16, 32 and 50 experts, every expert used ("dense": equal gates) and top-2 routing, against Llama;
+- prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache;
+  the median step):
+  PMoE with 1, 8 and 50 experts with default settings, the prompt routed as real prompts are (keys fitted on
+  distinct synthetic tasks: the router picks one expert), and the worst case (identical keys: every expert gets an
+  equal gate and is computed), against Llama;
 - one training step (forward + backward + AdamW step): PMoE training its newest expert (`pmoe`: its router key has
   seen `router_fit_sequences` sequences, the steady state of a task; `pmoe-fitting-key`: a task's first steps, which
   also run the expert-free pass that fits the key), PEFT LoRA, full fine-tuning;
@@ -39,7 +42,7 @@ from pmoe.modeling_pmoe import CACHE_KWARG  # noqa: E402
 
 
 FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
-            seq=512, decode=32, experts=[1, 4, 8, 16, 32, 50], repeats=5, warmup=1)
+            seq=512, decode=32, experts=[1, 8, 50], repeats=5, warmup=1)
 QUICK = dict(vocab=512, hidden=128, intermediate=352, layers=4, shallow=2, heads=4, kv_heads=4, rank=4,
              seq=64, decode=8, experts=[1, 4], repeats=3, warmup=1)
 
@@ -109,24 +112,51 @@ def make_llama(shape, device, dtype):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def make_pmoe(llama, shape, num_experts, top_k):
-    """PMoE from the same weights, `num_experts` trained-looking experts with identical Gaussian keys (so dense gating
-    uses every expert with equal gates, and top-k uses exactly k)."""
+def task_tokens(shape, task: int, sequences: int, length: int, seed: int) -> torch.Tensor:
+    """Sequences of synthetic task `task`: tokens drawn from its own slice of the vocabulary (64 tasks' worth)."""
+    width = (shape["vocab"] - 3) // 64
+    generator = torch.Generator().manual_seed(seed * 1000 + task)
+    return torch.randint(3 + task * width, 3 + (task + 1) * width, (sequences, length), generator=generator)
+
+
+@torch.no_grad()
+def task_features(llama, shape, num_tasks: int, router_input_layer: int) -> list[torch.Tensor]:
+    """Per task, the hidden states its training prompts give at the router's input: what fitting its key sees (the
+    expert-free model is the Llama, same weights)."""
+    features = []
+    for task in range(num_tasks):
+        input_ids = task_tokens(shape, task, 4, 128, seed=1).to(llama.device)
+        features.append(llama(input_ids=input_ids, output_hidden_states=True).hidden_states[router_input_layer])
+    return features
+
+
+def make_pmoe(llama, shape, num_experts, routed: bool, features=None, **options):
+    """PMoE from the same weights with `num_experts` trained-looking experts (random LoRA B).
+
+    `routed`: each expert's key is fitted on its own synthetic task's prompts (`task_features`), and the prompts
+    timed belong to task 0, so the default router sends them to one expert, as the benchmarks' real prompts are
+    (routing 99-100%). Otherwise every key is identical: equal gates, every expert computed (the worst case)."""
     model = pmoe.PMoEForCausalLM.from_dense(llama, num_shallow_layers=shape["shallow"], expert_rank=shape["rank"],
-                                            router_top_k=top_k, expert_layers=shape["expert_layers"]).eval()
+                                            expert_layers=shape["expert_layers"], **options).eval()
     generator = torch.Generator().manual_seed(1)
     for index in range(num_experts):
         model.add_expert(f"task-{index}")
+    router = model.model.routers[0]
     with torch.no_grad():
-        for linear in model.expert_linears():
-            for expert in linear.experts:
-                expert.lora_B.copy_(torch.randn(expert.lora_B.shape, generator=generator).to(expert.lora_B) * 0.01)
-        for entry in model.model.routers[0].experts:  # identical fitted keys, whichever kind is the default
-            entry.count.fill_(100.0)
-            if entry.kind == "lda":
-                entry.feature_outer_sum.copy_(100.0 * torch.eye(entry.feature_outer_sum.shape[0]))
+        for module in model.expert_modules():
+            for expert in module.experts:
+                for tensor in (expert.lora_A, expert.lora_B):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor) * 0.01)
+        for index, entry in enumerate(router.experts):
+            if routed:
+                pooled, _ = router.features(features[index], None)
+                entry.accumulate(pooled.reshape(-1, pooled.shape[-1]))
             else:
-                entry.feature_sq_sum.fill_(100.0)
+                entry.count.fill_(100.0)
+                if entry.kind == "lda":
+                    entry.feature_outer_sum.copy_(100.0 * torch.eye(entry.feature_outer_sum.shape[0]))
+                else:
+                    entry.feature_sq_sum.fill_(100.0)
     model.training_expert = None
     return model
 
@@ -141,7 +171,9 @@ def prefill_fn(model, input_ids):
 
 
 def decode_fn(model, input_ids, steps, device, sequence_routing):
-    """Returns a function that prefills, then decodes `steps` tokens one at a time and returns seconds per token."""
+    """Returns a function that prefills, then decodes `steps` tokens one at a time and returns the median seconds per
+    token (a step that grows the KV cache into fresh pages can take twice as long on CPU; the median keeps such
+    outliers, which depend on the allocator's state, not on the model, out of the ratio)."""
 
     @torch.no_grad()
     def decode():
@@ -149,13 +181,15 @@ def decode_fn(model, input_ids, steps, device, sequence_routing):
         cache = getattr(out, CACHE_KWARG)  # transformers >= 5.24 names it `cache`
         kwargs = {"routing_weights": out.routing_weights} if sequence_routing else {}
         token = out.logits[:, -1:].argmax(-1)
-        synchronize(device)
-        start = time.perf_counter()
+        seconds = []
         for _ in range(steps):
+            synchronize(device)
+            start = time.perf_counter()
             out = model(input_ids=token, use_cache=True, **{CACHE_KWARG: cache}, **kwargs)
             token = out.logits[:, -1:].argmax(-1)
-        synchronize(device)
-        return (time.perf_counter() - start) / steps
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
 
     return decode
 
@@ -175,8 +209,14 @@ def training_step_fn(model, input_ids, labels):
 
 def targets(shape) -> list[str]:
     """The experts' default targets for this layout (the embedding too with experts in every layer), for PEFT LoRA."""
-    projections = list(pmoe.configuration_pmoe.EXPERT_TARGET_MODULES)
-    return projections + [pmoe.configuration_pmoe.EMBEDDING_TARGET] if shape["expert_layers"] == "all" else projections
+    return pmoe.configuration_pmoe.default_expert_target_modules(shape["expert_layers"])
+
+
+def router_input_layer(shape) -> int:
+    """The layer whose input the default router reads, for this shape and layout."""
+    config = pmoe.PMoEConfig(num_hidden_layers=shape["layers"], num_shallow_layers=shape["shallow"],
+                             expert_layers=shape["expert_layers"])
+    return config.router_input_layer
 
 
 def build_training_model(name, shape, device, dtype):
@@ -189,7 +229,7 @@ def build_training_model(name, shape, device, dtype):
             make_llama(shape, device, dtype),
             LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], lora_dropout=0.0, target_modules=targets(shape)),
         )
-    model = make_pmoe(make_llama(shape, device, dtype), shape, 1, None)
+    model = make_pmoe(make_llama(shape, device, dtype), shape, 1, routed=False)
     model.training_expert = 0
     key = model.model.routers[0].experts[0]
     with torch.no_grad():
@@ -202,8 +242,7 @@ def build_training_model(name, shape, device, dtype):
 
 
 def inputs(shape, device):
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, shape["vocab"], (1, shape["seq"]), generator=generator).to(device)
+    input_ids = task_tokens(shape, 0, 1, shape["seq"], seed=0).to(device)  # a prompt of task 0
     labels = input_ids.clone()
     labels[:, : shape["seq"] // 2] = -100  # the first half is the prompt
     return input_ids, labels
@@ -219,9 +258,10 @@ def run_memory_case(case, shape, device, dtype):
         if case == "prefill:llama":
             fn = prefill_fn(llama, input_ids)
         else:
-            num_experts, routing = case.split(":", 1)[1].split("-")
-            model = make_pmoe(llama, shape, int(num_experts), None if routing == "dense" else 2)
-            fn = prefill_fn(model, input_ids)
+            num_experts, keys = case.split(":", 1)[1].split("-")
+            routed = keys == "routed"
+            features = task_features(llama, shape, int(num_experts), router_input_layer(shape)) if routed else None
+            fn = prefill_fn(make_pmoe(llama, shape, int(num_experts), routed, features), input_ids)
     fn()
     gc.collect()
     if device.type == "cuda":
@@ -269,28 +309,40 @@ def main():
     print(f"shape {results['shape']} on {device} ({results['dtype']}, {results['threads']} threads)", flush=True)
     llama = make_llama(shape, device, dtype)
     llama_prefill, llama_decode = prefill_fn(llama, input_ids), decode_fn(llama, input_ids, shape["decode"], device, False)
-    for num_experts in shape["experts"]:
-        for routing, top_k in (("dense", None), ("top2", 2)):
-            if routing == "top2" and num_experts < 2:
-                continue
-            model = make_pmoe(llama, shape, num_experts, top_k)
-            name = f"pmoe-{num_experts}-{routing}"
-            prefill = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
-                                     device, args.repeats, args.warmup)
-            decode = paired_medians(
-                {"llama": llama_decode, name: decode_fn(model, input_ids, shape["decode"], device, True)},
-                device, args.repeats, args.warmup,
-            )
-            results["inference"][name] = {
-                "prefill_s": prefill[name], "llama_prefill_s": prefill["llama"],
-                "prefill_ratio": prefill[name] / prefill["llama"],
-                "decode_s_per_token": decode[name], "llama_decode_s_per_token": decode["llama"],
-                "decode_ratio": decode[name] / decode["llama"],
-                "prefill_peak_bytes": peak_memory_of(f"prefill:{num_experts}-{routing}", args),
-            }
-            print(name, results["inference"][name], flush=True)
-            del model
-            gc.collect()
+    features = task_features(llama, shape, max(shape["experts"]), router_input_layer(shape))
+    # (number of experts, routed, PMoE options): the default at 1 / 8 / 50 experts, the worst case, and with experts in
+    # every layer the router reading the embeddings (`router_input_layer=0`: no expert-free pass at prefill).
+    cases = [(n, True, {}) for n in shape["experts"]] + [(n, False, {}) for n in shape["experts"] if n > 1]
+    if shape["expert_layers"] == "all":
+        cases.append((shape["experts"][1], True, {"router_input_layer": 0}))
+    def time_inference(name, model, sequence_routing, **row):
+        prefill = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
+                                 device, args.repeats, args.warmup)
+        decode = paired_medians(
+            {"llama": llama_decode, name: decode_fn(model, input_ids, shape["decode"], device, sequence_routing)},
+            device, args.repeats, args.warmup,
+        )
+        results["inference"][name] = {
+            **row, "prefill_s": prefill[name], "llama_prefill_s": prefill["llama"],
+            "prefill_ratio": prefill[name] / prefill["llama"],
+            "decode_s_per_token": decode[name], "llama_decode_s_per_token": decode["llama"],
+            "decode_ratio": decode[name] / decode["llama"],
+        }
+        print(name, results["inference"][name], flush=True)
+
+    # The LoRA peer, unmerged (as a served adapter runs): what one LoRA on these targets costs without any routing.
+    time_inference("peft-lora", build_training_model("peft-lora-all-layers", shape, device, dtype).eval(), False,
+                   experts=None, experts_used=None, prefill_peak_bytes=None)
+    for num_experts, routed, options in cases:
+        case_features = task_features(llama, shape, num_experts, 0) if options else features
+        model = make_pmoe(llama, shape, num_experts, routed, case_features, **options)
+        name = f"pmoe-{num_experts}" + ("" if routed else "-all") + ("-router-layer0" if options else "")
+        with torch.no_grad():
+            used = int((model(input_ids=input_ids).routing_weights > 0).sum())
+        memory = None if options else peak_memory_of(f"prefill:{num_experts}-{'routed' if routed else 'all'}", args)
+        time_inference(name, model, True, experts=num_experts, experts_used=used, prefill_peak_bytes=memory)
+        del model
+        gc.collect()
     results["llama_prefill_peak_bytes"] = peak_memory_of("prefill:llama", args)
 
     # Training: full fine-tuning, PEFT LoRA on every layer, PMoE training its newest expert: interleaved steps.
@@ -334,23 +386,29 @@ def markdown(results) -> str:
     lines = [
         f"Shape: hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers "
         f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on {', '.join(targets(shape))}, batch 1, "
-        f"{shape['seq']} prompt tokens, {shape['decode']} decoded; {results['device']} {results['dtype']}, "
+        f"{shape['seq']} prompt tokens, {shape['decode']} decoded (decode: the median step); {results['device']} {results['dtype']}, "
         f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs; "
-        "each ratio is against the same-weights Llama timed alongside it. Sequence routing with identical fitted "
-        "keys (the default kind): \"dense\" gives every expert an equal gate (all of them computed), \"top2\" two. "
+        "each ratio is against the same-weights Llama timed alongside it. `peft-lora`: PEFT LoRA on the same targets, "
+        "unmerged (as a served adapter runs). PMoE with default settings (sequence routing, LDA "
+        f"keys, router reading the input of layer {router_input_layer(shape)}, `router_min_gate` 0.01). `pmoe-N`: N "
+        "experts whose keys were fitted on N synthetic tasks (each its own slice of the vocabulary) and a prompt of "
+        "task 0, so the router picks one expert, as it does for 99-100% of the real-text benchmark's prompts; "
+        "`pmoe-N-all`: N identical keys, so every expert gets an equal gate and is computed (the worst case); "
+        "`-router-layer0`: `router_input_layer=0`, the router reads the token embeddings (no expert-free pass). "
         "Training: `pmoe` is a task's steady state (its key has seen `router_fit_sequences` sequences), "
         "`pmoe-fitting-key` its first steps, which also run the expert-free pass that fits the key.",
         "",
-        "| model | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak memory (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| model | experts used | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    first = next(iter(inference.values()))
-    lines.append(f"| llama | {first['llama_prefill_s']:.4f} | 1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | "
+    first = next(iter(inference.values()))  # (every row carries the Llama timed alongside it)
+    lines.append(f"| llama | - | {first['llama_prefill_s']:.4f} | 1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | "
                  f"1.000 | {mib(results.get('llama_prefill_peak_bytes'))} |")
     for name, row in inference.items():
+        used = "-" if row["experts"] is None else f"{row['experts_used']} of {row['experts']}"
         lines.append(
-            f"| {name} | {row['prefill_s']:.4f} | {row['prefill_ratio']:.3f} | {1000 * row['decode_s_per_token']:.2f} "
-            f"| {row['decode_ratio']:.3f} | {mib(row['prefill_peak_bytes'])} |"
+            f"| {name} | {used} | {row['prefill_s']:.4f} | {row['prefill_ratio']:.3f} | "
+            f"{1000 * row['decode_s_per_token']:.2f} | {row['decode_ratio']:.3f} | {mib(row['prefill_peak_bytes'])} |"
         )
     lines += ["", "| training step | seconds | x PEFT LoRA | trainable parameters | step peak memory (MiB) |",
               "|---|---|---|---|---|"]

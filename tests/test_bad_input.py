@@ -99,7 +99,9 @@ def test_an_all_padding_row_routes_like_the_zero_feature(overrides):
         gates = model(input_ids=input_ids, attention_mask=attention_mask).routing_weights
         router = model.model.routers[0]
         zero = torch.zeros(1, 1, TINY["hidden_size"])
-        expected = route(router.logits(zero), model.config.router_activation, model.config.router_top_k)[:, 0]
+        config = model.config
+        expected = route(router.logits(zero), config.router_activation, config.router_top_k, config.router_min_gate)
+    expected = expected[:, 0]
     torch.testing.assert_close(gates[1:2], expected)
 
 
@@ -241,7 +243,7 @@ def test_inputs_embeds_of_the_wrong_shape_are_refused():
 
 # ------------------------------------------------------------------------------- top-k above the expert count
 def test_top_k_above_the_expert_count_uses_every_expert_after_a_round_trip(tmp_path):
-    model = grown(2, router_top_k=4)
+    model = grown(2, router_top_k=4, router_min_gate=0.0)  # (no gate floor: both experts keep their gates)
     dense_gating = copy.deepcopy(model)
     dense_gating.config.router_top_k = None
     input_ids, attention_mask = padded_batch(batch=3, length=6)

@@ -14,12 +14,14 @@ def test_speed_benchmark_quick_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "speed-quick.json").read_text())
-    assert {"pmoe-1-dense", "pmoe-4-dense", "pmoe-4-top2"} <= set(results["inference"])
+    assert {"pmoe-1", "pmoe-4", "pmoe-4-all", "pmoe-4-router-layer0"} <= set(results["inference"])
+    assert results["inference"]["pmoe-4"]["experts_used"] == 1  # the prompt is routed to its task's expert
+    assert results["inference"]["pmoe-4-all"]["experts_used"] == 4
     assert all(row["prefill_ratio"] > 0 for row in results["inference"].values())
     assert {"full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-key"} <= set(results["training"])
     assert results["wall_seconds"] > 0
     assert results["per_task"]["parameters_added"] > 0
-    assert "| pmoe-4-top2 |" in (tmp_path / "speed-quick.md").read_text()
+    assert "| pmoe-4-all | 4 of 4 |" in (tmp_path / "speed-quick.md").read_text()
 
 
 def test_speed_benchmark_memory_case_runs():

@@ -70,6 +70,8 @@ def test_round_trip_through_json(tmp_path):
         (dict(router_top_k=-1), "router_top_k", "dense"),
         (dict(router_top_k=3, max_experts=2), "router_top_k", "[1, 2]"),
         (dict(router_temperature=0.0), "router_temperature", "> 0"),
+        (dict(router_min_gate=1.0), "router_min_gate", "[0, 1)"),
+        (dict(router_min_gate=-0.1), "router_min_gate", "[0, 1)"),
         (dict(router_activation="relu"), "router_activation", "sigmoid"),
         (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef", ">= 0"),
         (dict(num_experts=-1), "num_experts", ">= 0"),

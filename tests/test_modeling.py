@@ -272,6 +272,21 @@ def test_top_k_keeps_exactly_k_experts_per_token(activation):
     assert torch.equal(route(logits, activation, top_k=9), dense)  # fewer experts than k: all of them
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_min_gate_drops_experts_far_below_the_best_and_renormalises(top_k):
+    logits = torch.randn(4, 6, 5) * 3
+    gates = route(logits, "softmax", top_k, min_gate=0.1)
+    dense = route(logits, "softmax", top_k)
+    kept = dense >= 0.1 * dense.amax(-1, keepdim=True)
+    assert torch.equal(gates > 0, kept)
+    torch.testing.assert_close(gates, torch.softmax(logits.masked_fill(~kept, float("-inf")), -1))
+    assert torch.equal(route(logits, "softmax", top_k, min_gate=0.0), dense)
+    # Sigmoid gates are independent per expert: no floor.
+    assert torch.equal(route(logits, "sigmoid", None, min_gate=0.5), torch.sigmoid(logits))
+    # A row whose experts are all unfitted (-inf) still gets no expert.
+    assert not route(torch.full((1, 3), float("-inf")), "softmax", None, min_gate=0.1).any()
+
+
 def test_router_temperature_sharpens_gates():
     model = make_pmoe(router_temperature=0.1, num_experts=2, expert_tasks=["a", "b"], **TOKEN_LEARNED)
     router = model.expert_routers()[0]

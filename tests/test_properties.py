@@ -5,6 +5,7 @@
 (c) padding changes nothing: a padded row's real tokens get the logits of the same row unpadded.
 """
 
+import math
 import os
 
 import pytest
@@ -177,6 +178,18 @@ def test_a_new_minus_inf_expert_leaves_softmax_gates_bit_identical(num_experts, 
         reference = torch.full_like(logits, float("-inf")).scatter(-1, kept, logits.gather(-1, kept))
     torch.testing.assert_close(before, torch.softmax(reference, -1))
     torch.testing.assert_close(before.sum(-1), torch.ones(3, 2))
+
+
+@SETTINGS
+@given(num_experts=st.integers(1, 40), min_gate=st.sampled_from([0.01, 0.1]), seed=st.integers(0, 2**16))
+def test_a_new_expert_under_the_gate_floor_leaves_softmax_gates_bit_identical(num_experts, min_gate, seed):
+    # With the floor, a fitted expert that scores low (a newer task's expert on an old task's input) is dropped, so
+    # the old gates are bit-identical, not merely close.
+    logits = torch.randn(3, 2, num_experts, generator=torch.Generator().manual_seed(seed)) * 10
+    low = logits.amax(dim=-1, keepdim=True) + math.log(min_gate) - 1.0
+    before = route(logits, "softmax", None, min_gate)
+    after = route(torch.cat([logits, low], dim=-1), "softmax", None, min_gate)
+    assert torch.equal(after[..., :num_experts], before) and not after[..., -1].any()
 
 
 @pytest.mark.xfail(strict=True, reason="known limitation: with learned keys and top-k, a new key (score 0) can take "

@@ -250,3 +250,27 @@ def test_packed_rows_count_their_sequences_without_the_pass():
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]])  # three packed sequences
     model(input_ids=input_ids, labels=labels, position_ids=position_ids)
     assert model.model.routers[0].usage[0] == usage[0] + 3
+
+
+def test_an_old_tasks_outputs_stay_bit_identical_when_a_new_task_is_fitted():
+    # Fitting a new LDA key moves every old score (the covariance is shared), but with the default gate floor a
+    # confidently routed prompt keeps its own expert alone, at gate exactly 1: the old task's logits do not move a bit.
+    model = make_pmoe()
+
+    def grow_and_fit(task):
+        model.add_expert(f"task-{task}")
+        randomize_experts(model, indices=[task], seed=task + 3)  # trained-looking LoRA weights...
+        key = model.model.routers[0].experts[task]
+        for statistic in key.statistics:  # ...and a key fitted on the task's own prompts only
+            getattr(key, statistic).zero_()
+        fit_task(model, task, task)
+
+    grow_and_fit(0)
+    prompts = task_batch(0, seed=99)[0][:, :8]
+    with torch.no_grad():
+        before = model(input_ids=prompts)
+    grow_and_fit(1)
+    with torch.no_grad():
+        after = model(input_ids=prompts)
+    assert torch.equal(after.routing_weights[:, 0], torch.ones(8)) and not after.routing_weights[:, 1].any()
+    assert torch.equal(before.logits, after.logits)

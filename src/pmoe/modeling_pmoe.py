@@ -144,14 +144,14 @@ class PMoEExperts:
         self.with_experts = with_experts
         self.rank = config.expert_rank
         self.scaling = config.expert_scaling
-        self._expert_shape = (in_features, out_features)
+        self.expert_shape = (in_features, out_features)  # (in, out) of one expert: what its LoRA A / B map
         self.experts = nn.ModuleList()
         if with_experts:
             for _ in range(config.num_experts):
                 self.experts.append(self.expert_class(in_features, out_features, self.rank))
 
     def add_expert(self) -> PMoELoRAExpert:
-        expert = self.expert_class(*self._expert_shape, self.rank)
+        expert = self.expert_class(*self.expert_shape, self.rank)
         expert.to(device=self.weight.device, dtype=self.weight.dtype)
         self.experts.append(expert)
         return expert
@@ -178,15 +178,16 @@ class PMoEExperts:
         experts = self.experts if active_experts is None else [self.experts[i] for i in active_experts]
         lora_a, lora_b = self._concatenated(experts)
         hidden = project_a(lora_a)  # [..., E * r]
-        gates = expert_gates.to(hidden.dtype).repeat_interleave(self.rank, dim=-1) * self.scaling
-        return F.linear(hidden * gates, lora_b)
+        # Each expert's gate over its r columns, by broadcasting on an [E, r] view (no repeated gate tensor).
+        gates = (expert_gates.to(hidden.dtype) * self.scaling).unsqueeze(-1)
+        return F.linear((hidden.unflatten(-1, (len(experts), self.rank)) * gates).flatten(-2), lora_b)
 
     def _concatenated(self, experts) -> tuple[torch.Tensor, torch.Tensor]:
         """`A_cat [E*r, in]` and `B_cat [out, E*r]`. Without autograd (inference) the concatenation is cached until one
         of the tensors changes (tensor version counters), so decoding does not copy the experts at every token."""
         if len(experts) == 1:
             return experts[0].lora_A, experts[0].lora_B
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (compiled: the graph holds the concatenation)
             return (torch.cat([e.lora_A for e in experts], dim=0), torch.cat([e.lora_B for e in experts], dim=1))
         key = tuple((id(t), t._version, t.device, t.dtype) for e in experts for t in (e.lora_A, e.lora_B))
         cached = self.__dict__.get("_concat_cache")
@@ -244,7 +245,7 @@ class PMoEEmbedding(PMoEExperts, nn.Embedding):
         """After `resize_token_embeddings`: give every expert's A one column per token again. Kept tokens keep their
         columns; new tokens get zero columns (no update until trained), so outputs on the old tokens are unchanged."""
         vocab = self.num_embeddings
-        self._expert_shape = (vocab, self.embedding_dim)
+        self.expert_shape = (vocab, self.embedding_dim)
         for expert in self.experts:
             old = expert.lora_A
             if old.shape[1] == vocab:
@@ -501,7 +502,8 @@ class PMoERouter(nn.Module):
             return logits, expert_choice_route(
                 logits, self.config.router_activation, self.config.expert_capacity, routing_mask
             )
-        return logits, route(logits, self.config.router_activation, self.config.router_top_k)
+        config = self.config
+        return logits, route(logits, config.router_activation, config.router_top_k, config.router_min_gate)
 
     @torch.no_grad()
     def record(self, gates: torch.Tensor, rows: torch.Tensor | None = None, forced_expert: int | None = None):
@@ -546,8 +548,9 @@ def active_expert_indices(gates: torch.Tensor | None) -> tuple[int, ...] | None:
     return tuple(index for index, is_used in enumerate(used) if is_used)
 
 
-def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Tensor:
-    """Turn router logits `[..., E]` into gates: sigmoid or softmax, keeping the `top_k` best experts if set.
+def route(logits: torch.Tensor, activation: str, top_k: int | None, min_gate: float = 0.0) -> torch.Tensor:
+    """Turn router logits `[..., E]` into gates: sigmoid or softmax, keeping the `top_k` best experts if set, and
+    (softmax) only the experts whose gate is at least `min_gate` times the row's largest, renormalised over them.
 
     Experts scored `-inf` (unfitted Gaussian keys) get gate 0; a row where every expert is `-inf` gets all zeros.
     """
@@ -556,6 +559,11 @@ def route(logits: torch.Tensor, activation: str, top_k: int | None) -> torch.Ten
         selected = logits.topk(top_k, dim=-1).indices
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, selected, True)
         logits = logits.masked_fill(~keep, float("-inf"))
+    if activation == "softmax" and min_gate > 0:
+        # gate_e / max gate = exp(logit_e - max logit): the floor is a logit threshold, and dropped experts become
+        # -inf, so the kept gates are exactly the softmax over the kept experts.
+        floor = logits.detach().amax(dim=-1, keepdim=True) + math.log(min_gate)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     if activation == "softmax":
         # Renormalised over the kept experts (Mixtral-style); all -inf rows give NaN, which means "no expert".
         # Written out, not torch.softmax: its reduction changes summation order with the row length (seen on CPU
@@ -1467,6 +1475,8 @@ class PMoEModel(PMoEPreTrainedModel):
                 "expert_layers='all' computes its gate from an expert-free shallow pass, which needs the 2D "
                 "attention mask: pass it as `routing_mask` when `attention_mask` is a dict of prebuilt masks."
             )
+        if config.router_input_layer == 0:  # the router reads the token embeddings: no layer to run
+            return hidden_states
         length = hidden_states.shape[1]
         if isinstance(padding_mask, torch.Tensor) and padding_mask.dim() == 2 and padding_mask.shape[1] != length:
             padding_mask = padding_mask[:, -length:]  # continuing from a cache: the mask also covers cached tokens
@@ -1637,7 +1647,8 @@ class PMoEModel(PMoEPreTrainedModel):
         else:
             logits = router_logits[0].reshape(hidden_states.shape[0], -1, config.num_experts)
             masked = torch.arange(config.num_experts, device=logits.device) >= new_expert
-            old_gates = route(logits.masked_fill(masked, float("-inf")), config.router_activation, config.router_top_k)
+            old_gates = route(logits.masked_fill(masked, float("-inf")), config.router_activation, config.router_top_k,
+                              config.router_min_gate)
             if sequence_ids is not None:
                 old_gates = old_gates.gather(1, sequence_ids[..., None].expand(-1, -1, old_gates.shape[-1]))
             old_gates = old_gates.to(hidden_states.dtype)

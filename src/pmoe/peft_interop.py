@@ -311,7 +311,7 @@ def _check_tensors(state_dict, lora_config, config, modules, problems: list[str]
             problems.append(f"adapter module {module_name!r} has {sorted(factors)} but needs both lora_A and lora_B.")
             continue
         lora_a, lora_b = factors["lora_A"], factors["lora_B"]
-        in_features, out_features = modules[module_name]._expert_shape
+        in_features, out_features = modules[module_name].expert_shape
         rank = _pattern_value(lora_config.rank_pattern, module_name, lora_config.r)
         alpha = _pattern_value(lora_config.alpha_pattern, module_name, lora_config.lora_alpha)
         expected_a, expected_b = (rank, in_features), (out_features, rank)
