@@ -252,6 +252,12 @@ def make_evaluate(max_tokens, batch_size=64):
     return evaluate
 
 
+def routing_row(picks: list[int], index: int, tasks: list[str]) -> dict:
+    """One task's routing result from the expert each of its test prompts went to (expert i = i-th task)."""
+    return {"accuracy": sum(p == index for p in picks) / len(picks),
+            "routed_to": {other: picks.count(i) for i, other in enumerate(tasks)}}
+
+
 @torch.no_grad()
 def routing_accuracy(model, tokenizer, data, tasks, max_tokens, batch_size=64):
     """Per task: the share of its test prompts whose gate picks its own expert (expert i = i-th task), and the
@@ -264,8 +270,7 @@ def routing_accuracy(model, tokenizer, data, tasks, max_tokens, batch_size=64):
         for start in range(0, len(examples), batch_size):
             input_ids, attention_mask = left_padded(tokenizer, examples[start : start + batch_size], max_tokens)
             picks += model(input_ids=input_ids, attention_mask=attention_mask).routing_weights.argmax(-1).tolist()
-        result[task] = {"accuracy": sum(p == index for p in picks) / len(picks),
-                        "routed_to": {other: picks.count(i) for i, other in enumerate(tasks)}}
+        result[task] = routing_row(picks, index, tasks)
     return result
 
 
@@ -305,9 +310,8 @@ def routing_only(base, tokenizer, data, tasks, kinds, layers, max_tokens):
             router.experts[model.add_expert(task)].accumulate(features[task]["train"][(kind, layer)])
         per_task = {}
         for index, task in enumerate(tasks):
-            picks = router(features[task]["test"][(kind, layer)][:, None])[1][:, 0].argmax(-1).tolist()
-            per_task[task] = {"accuracy": sum(p == index for p in picks) / len(picks),
-                              "routed_to": {other: picks.count(i) for i, other in enumerate(tasks)}}
+            _, gates = router(features[task]["test"][(kind, layer)][:, None])
+            per_task[task] = routing_row(gates[:, 0].argmax(-1).tolist(), index, tasks)
         results[kind if layers == [None] else f"{kind}, layer {layer}"] = per_task
     return results
 

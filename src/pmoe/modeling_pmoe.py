@@ -432,6 +432,9 @@ class PMoERouter(nn.Module):
         pooled = (features * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
         return pooled, routing_mask.bool().any(dim=1, keepdim=True)
 
+    # Eager under torch.compile: the cache is keyed on tensor version counters, which dynamo would turn into
+    # data-dependent guards (several graph breaks and a recompute per call); eager, it is one call and a cache hit.
+    @torch.compiler.disable
     def lda_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per expert `(w, b, fitted)` of the linear discriminant: `score = feature @ w + b` is the log-likelihood of
         the expert's Gaussian with the shared covariance, up to a term all experts share.
@@ -497,12 +500,10 @@ class PMoERouter(nn.Module):
         self, features: torch.Tensor, routing_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns `(logits, gates)`, both `[batch, seq or 1, num_experts]`, float32."""
-        logits = self.logits(features)
-        if self.config.routing == "expert_choice":
-            return logits, expert_choice_route(
-                logits, self.config.router_activation, self.config.expert_capacity, routing_mask
-            )
         config = self.config
+        logits = self.logits(features)
+        if config.routing == "expert_choice":
+            return logits, expert_choice_route(logits, config.router_activation, config.expert_capacity, routing_mask)
         return logits, route(logits, config.router_activation, config.router_top_k, config.router_min_gate)
 
     @torch.no_grad()
