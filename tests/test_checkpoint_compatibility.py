@@ -1,0 +1,50 @@
+"""Checkpoints saved by an older pmoe load with the outputs that version computed.
+
+`tests/fixtures/checkpoints/` holds small checkpoints written by `tests/fixtures/make_checkpoints.py` at the commit
+named in each `made_by.json`, with that version's logits (a left-padded batch, routed by the model and with given gates
+that mix experts) and greedy tokens. Refactors must keep them bit-identical: same keys, same config fields, same math.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import pmoe
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints")
+VARIANTS = sorted(os.listdir(FIXTURES))
+
+
+def same_torch_minor(made_by: dict) -> bool:
+    return torch.__version__.split(".")[:2] == made_by["torch"].split(".")[:2]
+
+
+def test_the_fixtures_cover_the_default_and_the_papers_layout():
+    assert {"default", "deep-token-learned"} <= set(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("loader", [pmoe.PMoEForCausalLM, AutoModelForCausalLM])
+def test_an_old_checkpoint_loads_with_the_outputs_it_had(variant, loader):
+    folder = os.path.join(FIXTURES, variant)
+    with open(os.path.join(folder, "made_by.json")) as f:
+        made_by = json.load(f)
+    expected = load_file(os.path.join(folder, "expected_outputs.safetensors"))
+    model = loader.from_pretrained(folder).eval()
+    assert isinstance(model, pmoe.PMoEForCausalLM)
+    inputs = dict(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"])
+    with torch.no_grad():
+        outputs = {"logits": model(**inputs).logits,
+                   "generated": model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)}
+        if "routing_weights" in expected:
+            outputs["logits_given_gates"] = model(**inputs, routing_weights=expected["routing_weights"]).logits
+    assert torch.equal(outputs["generated"], expected["generated"])
+    for name in [name for name in outputs if name.startswith("logits")]:
+        if same_torch_minor(made_by):  # same kernels: the same math gives the same bits
+            assert torch.equal(outputs[name], expected[name]), f"{variant}: {name} changed"
+        else:  # another torch may round differently; the math must still agree
+            torch.testing.assert_close(outputs[name], expected[name], rtol=1e-5, atol=1e-5)
