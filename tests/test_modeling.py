@@ -464,7 +464,11 @@ def test_only_active_experts_are_computed_and_the_result_is_the_same():
         full = linear(x, gates)
         sparse = linear(x, gates, active_experts=(1, 3))
         torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-5)
+        # The model passes the active experts' gates only (narrowed once per forward): the same result.
+        assert torch.equal(linear(x, gates[..., [1, 3]], active_experts=(1, 3)), sparse)
         assert torch.equal(linear(x, gates, active_experts=()), F.linear(x, linear.weight))
+        with pytest.raises(ValueError, match="gates for 3 experts but has 4 experts and 2 active ones"):
+            linear(x, gates[..., :3], active_experts=(1, 3))
         # The inference-time concatenation cache notices in-place changes of the experts.
         linear.experts[3].lora_B.add_(1.0)
         changed = linear(x, gates, active_experts=(1, 3))

@@ -160,31 +160,32 @@ class PMoEExperts:
         self, project_a: Callable, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None
     ) -> torch.Tensor | None:
         """The gated sum of the experts' updates, or `None` when no expert applies. `project_a(A_cat)` maps the input
-        through the concatenated A (`[..., E * r]`). `active_experts`: the experts with a non-zero gate somewhere in
-        the batch (`None`: all of them); only those enter the matmul pair, so top-k and sequence routing cost what the
-        chosen experts cost, not all experts."""
+        through the concatenated A (`[..., E * r]`). `active_experts`: the experts that run (`None`: all of them), so
+        top-k and sequence routing cost what the chosen experts cost, not all experts. `expert_gates[..., j]` is the
+        gate of `active_experts[j]`; gates over all experts are also accepted and the active ones taken here (the model
+        takes them once per forward, not once per module)."""
         num_experts = len(self.experts)
-        if expert_gates is None or num_experts == 0:
+        if expert_gates is None or num_experts == 0 or active_experts == ():
             return None
-        if expert_gates.shape[-1] != num_experts:
+        width = expert_gates.shape[-1]
+        if active_experts is not None and width == num_experts and len(active_experts) < num_experts:
+            expert_gates = expert_gates[..., list(active_experts)]
+        elif width != (num_experts if active_experts is None else len(active_experts)):
             raise ValueError(
-                f"{type(self).__name__} got gates for {expert_gates.shape[-1]} experts but has {num_experts} experts."
+                f"{type(self).__name__} got gates for {width} experts but has {num_experts} experts"
+                + ("." if active_experts is None else f" and {len(active_experts)} active ones {active_experts}.")
             )
-        if active_experts is not None:
-            if not active_experts:
-                return None
-            if len(active_experts) < num_experts:
-                expert_gates = expert_gates[..., list(active_experts)]
-        experts = self.experts if active_experts is None else [self.experts[i] for i in active_experts]
-        lora_a, lora_b = self._concatenated(experts)
+        lora_a, lora_b = self._concatenated(active_experts)
         hidden = project_a(lora_a)  # [..., E * r]
         # Each expert's gate over its r columns, by broadcasting on an [E, r] view (no repeated gate tensor).
         gates = (expert_gates.to(hidden.dtype) * self.scaling).unsqueeze(-1)
-        return F.linear((hidden.unflatten(-1, (len(experts), self.rank)) * gates).flatten(-2), lora_b)
+        return F.linear((hidden.unflatten(-1, (expert_gates.shape[-1], self.rank)) * gates).flatten(-2), lora_b)
 
-    def _concatenated(self, experts) -> tuple[torch.Tensor, torch.Tensor]:
-        """`A_cat [E*r, in]` and `B_cat [out, E*r]`. Without autograd (inference) the concatenation is cached until one
-        of the tensors changes (tensor version counters), so decoding does not copy the experts at every token."""
+    def _concatenated(self, active_experts: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`A_cat [E*r, in]` and `B_cat [out, E*r]` of the active experts (`None`: all). Without autograd (inference)
+        the concatenation is cached until one of the tensors changes (tensor version counters), so decoding does not
+        copy the experts at every token."""
+        experts = self.experts if active_experts is None else [self.experts[i] for i in active_experts]
         if len(experts) == 1:
             return experts[0].lora_A, experts[0].lora_B
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (compiled: the graph holds the concatenation)
@@ -547,6 +548,13 @@ def active_expert_indices(gates: torch.Tensor | None) -> tuple[int, ...] | None:
     if all(used):
         return None
     return tuple(index for index, is_used in enumerate(used) if is_used)
+
+
+def gates_of_active_experts(gates: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    """`gates` `[..., E]` narrowed to the experts that run, and their indices (`None`: all run, `gates` unchanged):
+    what the expert layers take, worked out once per routing decision instead of once per module."""
+    active = active_expert_indices(gates)
+    return (gates if active is None else gates[..., list(active)]), active
 
 
 def route(logits: torch.Tensor, activation: str, top_k: int | None, min_gate: float = 0.0) -> torch.Tensor:
@@ -1584,10 +1592,10 @@ class PMoEModel(PMoEPreTrainedModel):
             boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
             expert_gates, logits = self._route(self.routers[0], boundary, routing_mask, sequence_ids)
             router_logits += (logits.reshape(-1, logits.shape[-1]),)
-        active_for, active_experts = None, None
+        active_for, active_gates, active_experts = None, None, None
         if config.expert_embeddings and expert_gates is not None:
-            active_for, active_experts = expert_gates, active_expert_indices(expert_gates)
-            hidden_states = self._with_embedding_experts(input_ids, inputs_embeds, expert_gates, active_experts)
+            active_for, (active_gates, active_experts) = expert_gates, gates_of_active_experts(expert_gates)
+            hidden_states = self._with_embedding_experts(input_ids, inputs_embeds, active_gates, active_experts)
 
         first_expert_layer = config.expert_layer_indices[0]
         old_model_input = None
@@ -1604,10 +1612,10 @@ class PMoEModel(PMoEPreTrainedModel):
                     )
                     router_logits += (logits.reshape(-1, logits.shape[-1]),)
             if expert_gates is not active_for:
-                active_for, active_experts = expert_gates, active_expert_indices(expert_gates)
+                active_for, (active_gates, active_experts) = expert_gates, gates_of_active_experts(expert_gates)
             hidden_states = decoder_layer(
                 hidden_states,
-                expert_gates if decoder_layer.has_experts else None,
+                active_gates if decoder_layer.has_experts else None,
                 attention_mask=causal_masks[config.layer_types[layer_idx]],
                 use_cache=use_cache,
                 active_experts=active_experts,
@@ -1653,7 +1661,7 @@ class PMoEModel(PMoEPreTrainedModel):
             if sequence_ids is not None:
                 old_gates = old_gates.gather(1, sequence_ids[..., None].expand(-1, -1, old_gates.shape[-1]))
             old_gates = old_gates.to(hidden_states.dtype)
-        active_experts = active_expert_indices(old_gates)
+        old_gates, active_experts = gates_of_active_experts(old_gates)
         if start == 0 and config.expert_embeddings and old_gates is not None:
             hidden_states = self._with_embedding_experts(input_ids, hidden_states, old_gates, active_experts)
         for layer_idx in range(start, config.num_hidden_layers):
