@@ -21,6 +21,11 @@ from transformers import (
 import pmoe
 
 
+# The files a checkpoint ships as remote code (save_pretrained copies the modeling file and its sibling imports).
+REMOTE_CODE_FILES = (
+    "configuration_pmoe.py", "experts_pmoe.py", "growth_pmoe.py", "loading_pmoe.py", "modeling_pmoe.py",
+)
+
 VOCAB = 97
 TINY = dict(
     vocab_size=VOCAB,

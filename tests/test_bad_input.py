@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pmoe
-from pmoe.modeling_pmoe import route
+from pmoe.experts_pmoe import route
 
 from conftest import (
     TOKEN_LEARNED,

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import pmoe
-from conftest import make_dense, make_pmoe, randomize_experts
+from conftest import REMOTE_CODE_FILES, make_dense, make_pmoe, randomize_experts
 from pmoe.cli import main
 from pmoe.tasks import char_tokenizer
 
@@ -90,8 +90,7 @@ def test_convert_gives_a_remote_code_checkpoint_with_the_dense_logits(dense_dir,
                              "--expert-rank", "4")
     assert code == 0, err
     assert "layers 0 shallow" in out and "1-3 deep" in out and "max |logit diff|" in out and "tokenizer: copied" in out
-    assert {"config.json", "model.safetensors", "modeling_pmoe.py", "configuration_pmoe.py",
-            "tokenizer.json"} <= set(os.listdir(output))
+    assert {"config.json", "model.safetensors", *REMOTE_CODE_FILES, "tokenizer.json"} <= set(os.listdir(output))
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no staging folder left behind
 
     loaded = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True).eval()

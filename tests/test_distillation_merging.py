@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from pmoe import PMoEContinualCallback, PMoEEmbedding
-from pmoe.modeling_pmoe import best_low_rank_factors, route
+from pmoe.experts_pmoe import route
+from pmoe.growth_pmoe import best_low_rank_factors
 
 from conftest import make_pmoe, randomize_experts
 from test_routing import fit_task, task_batch
@@ -170,3 +171,47 @@ def test_callback_merges_every_n_steps_and_training_continues(tmp_path):
     assert any("+" in task for task in model.config.expert_tasks)
     assert model.config.expert_tasks[3] == "task-3"  # the expert being trained is never overwritten
     assert any(torch.count_nonzero(p) for n, p in model.expert_parameters(3).items() if n.endswith("lora_B"))
+
+
+def test_the_growth_api_is_on_every_head():
+    """Merge / remove / cap / usage are the same mixin on the model, the causal LM and the classifier."""
+    from pmoe import PMoEForSequenceClassification, PMoEModel
+    from conftest import tiny_pmoe_config
+
+    for model_class in (PMoEModel, PMoEForSequenceClassification):
+        torch.manual_seed(0)
+        model = model_class(tiny_pmoe_config(num_labels=3))
+        for task in ("a", "b", "c", "d"):
+            model.add_expert(task)
+        randomize_experts(model)
+        model.training_expert = None
+        with torch.no_grad():
+            for router in model.expert_routers():
+                router.usage.copy_(torch.tensor([5.0, 4.0, 1.0, 0.0]))
+        assert model.expert_usage().tolist() == [5.0, 4.0, 1.0, 0.0]
+        assert model.cap_experts(3) == [("a", "b")]
+        assert model.config.expert_tasks == ["a+b", "c", "d"] and len(model.expert_routers()[0].experts) == 3
+        model.remove_expert(2)
+        assert model.config.num_experts == 2
+        assert all(len(module.experts) == 2 for module in model.expert_modules())
+
+
+def test_add_expert_and_the_callback_share_one_freeze_policy():
+    """`set_trainable` is the policy: after add_expert, exactly the new expert (and the classifier head) train."""
+    from pmoe import PMoEForSequenceClassification
+    from pmoe.growth_pmoe import set_trainable
+    from conftest import tiny_pmoe_config
+
+    model = PMoEForSequenceClassification(tiny_pmoe_config(num_labels=2))
+    model.add_expert("a")
+    model.add_expert("b")
+    after_add = {name: param.requires_grad for name, param in model.named_parameters()}
+    assert {name.split(".")[0] for name, trainable in after_add.items() if trainable and "experts" not in name} == {
+        "score"}
+    assert all(".experts.1." in name for name, trainable in after_add.items() if trainable and name != "score.weight")
+    set_trainable(model, [1])  # what the callback does when a task resumes
+    assert {name: param.requires_grad for name, param in model.named_parameters()} == after_add
+    model.add_expert("c", freeze_previous=False)  # earlier experts stay as they were
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert any(".experts.1." in name for name in trainable) and any(".experts.2." in name for name in trainable)
+    assert not any(".experts.0." in name for name in trainable)

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from pmoe import PMoEForCausalLM
 
-from conftest import make_dense, padded_batch, randomize_experts
+from conftest import REMOTE_CODE_FILES, make_dense, padded_batch, randomize_experts
 from hub_server import HubServer
 from test_hub_server import client_env, run_client
 
@@ -86,7 +86,7 @@ def test_push_grow_push_and_load_each_revision_as_remote_code(tmp_path):
     assert old["tasks"] == ["support"] and old["logits"]["v1"]  # the old revision loads as before, bit for bit
     assert new["tasks"] == ["support", "sql"] and new["logits"]["v2"] and not new["logits"]["v1"]
     assert main == new
-    assert {"config.json", "model.safetensors", "configuration_pmoe.py", "modeling_pmoe.py", "README.md"} <= files
+    assert {"config.json", "model.safetensors", *REMOTE_CODE_FILES, "README.md"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
 
     # The model card: Hub metadata, expert table, the recorded results, a trust_remote_code snippet.

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from pmoe import PMoEConfig, PMoEEmbedding, PMoEForCausalLM, PMoELinear, PMoEModel
 from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES
-from pmoe.modeling_pmoe import route
+from pmoe.experts_pmoe import route
 from transformers import PreTrainedModel
 
 from conftest import TINY, TOKEN_LEARNED, VOCAB, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pmoe
-from pmoe.modeling_pmoe import route
+from pmoe.experts_pmoe import route
 
 from conftest import TINY, VOCAB, randomize_experts, tiny_pmoe_config
 

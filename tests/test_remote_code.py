@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_pmoe, padded_batch, randomize_experts
+from conftest import REMOTE_CODE_FILES, make_pmoe, padded_batch, randomize_experts
 
 
 CHILD = textwrap.dedent(
@@ -114,7 +114,7 @@ def test_checkpoint_folder_layout(saved_checkpoint):
     root, _, _ = saved_checkpoint
     folder = root / "checkpoint"
     files = {path.name for path in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "configuration_pmoe.py", "modeling_pmoe.py"} <= files
+    assert {"config.json", "model.safetensors", *REMOTE_CODE_FILES} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
@@ -130,7 +130,7 @@ def test_remote_code_files_import_only_torch_and_transformers(saved_checkpoint):
     root, _, _ = saved_checkpoint
     from transformers.dynamic_module_utils import get_imports
 
-    for name in ("configuration_pmoe.py", "modeling_pmoe.py"):
+    for name in REMOTE_CODE_FILES:
         imports = set(get_imports(root / "checkpoint" / name)) - set(sys.stdlib_module_names)
         assert imports <= {"torch", "transformers"}, (name, imports)
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pmoe
-from pmoe.modeling_pmoe import PMoERouter
+from pmoe.experts_pmoe import PMoERouter
 
 from conftest import make_pmoe, padded_batch, randomize_experts
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import pmoe
-from pmoe.modeling_pmoe import expert_choice_route, route
+from pmoe.experts_pmoe import expert_choice_route, route
 
 from conftest import make_dense, padded_batch, randomize_experts, tiny_pmoe_config
 

@@ -2,8 +2,10 @@
 
 `import pmoe` registers the `"pmoe"` model type with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and
 `AutoModelForSequenceClassification`, and marks the classes for remote code, so that `save_pretrained` writes
-`configuration_pmoe.py` / `modeling_pmoe.py` and an `auto_map` next to the weights: the checkpoint then loads with
-`trust_remote_code=True` where pmoe is not installed.
+`configuration_pmoe.py` / `modeling_pmoe.py` (with its siblings `experts_pmoe.py`, `growth_pmoe.py`, `loading_pmoe.py`)
+and an `auto_map` next to the weights: the checkpoint then loads with `trust_remote_code=True` where pmoe is not
+installed. It also gives the models the Hub methods that are not shipped (`pmoe.hub`: `push_to_hub` with the PMoE
+model card, `model_card`, `record_task_scores`).
 
 It also checks the installed transformers against the range pmoe is tested with (`check_transformers_version`) and
 warns once when it is outside.
@@ -98,6 +100,7 @@ from .modeling_pmoe import (
     PMoEPreTrainedModel,
     PMoERouter,
 )
+from .hub import add_hub_methods
 from .metrics import accuracy, continual_metrics, exact_match, rouge_l
 from .peft_interop import export_expert_to_peft, import_peft_adapter
 from .trainer_callbacks import PMoEContinualCallback, schedule_from_task_column
@@ -124,6 +127,7 @@ def evaluate_module_path(name: str) -> str:
     return str(_EVALUATE_MODULES / name)
 
 
+add_hub_methods(PMoEPreTrainedModel)  # model.push_to_hub (PMoE card), model.model_card, model.record_task_scores
 AutoConfig.register(PMoEConfig.model_type, PMoEConfig, exist_ok=True)
 AutoModel.register(PMoEConfig, PMoEModel, exist_ok=True)
 AutoModelForCausalLM.register(PMoEConfig, PMoEForCausalLM, exist_ok=True)

@@ -10,6 +10,7 @@ half-written one and resuming from it fails. `PreTrainedModel.save_pretrained` w
 while it overwrites a folder destroys the save that was there.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -18,10 +19,11 @@ import struct
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .experts_pmoe import expert_index_of
+
 
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 
 
 def _read_json(path):
@@ -75,7 +77,7 @@ def is_complete_save(directory) -> bool:
     else:
         return False
     if config.get("model_type") == "pmoe":
-        experts = {int(match.group(1)) for key in keys if (match := _EXPERT_INDEX.search(key))}
+        experts = {index for key in keys if (index := expert_index_of(key)) is not None}
         if experts != set(range(int(config.get("num_experts", 0)))):
             return False
     return True
@@ -123,13 +125,16 @@ def _fsync(path):
         os.close(descriptor)
 
 
-def save_pretrained_atomic(model, save_directory, **kwargs) -> str:
-    """`model.save_pretrained(save_directory, **kwargs)` that a crash cannot leave half-written: the model is saved
-    into `.<name>.saving` next to `save_directory`, flushed to disk, then renamed into place, so `save_directory`
-    holds either the previous complete save or the new one. When it already exists, the old folder is renamed to
-    `.<name>.previous` first and deleted after; should a crash fall between those two renames, both hidden folders
-    are complete and the next `save_pretrained_atomic` to the same folder puts the new one in place. Returns the
-    folder's absolute path."""
+@contextlib.contextmanager
+def atomic_directory(save_directory):
+    """Yield a staging folder to write a whole save into (`save_pretrained`, a tokenizer, ...). When the block ends
+    without an error, the staging folder is flushed to disk and renamed into place, so `save_directory` holds either
+    the previous complete save or the new one, never a half-written folder; on an error it is removed and
+    `save_directory` is left as it was.
+
+    The staging folder is `.<name>.saving` next to `save_directory`. An existing folder is renamed to
+    `.<name>.previous` first and deleted after; should a crash fall between those two renames, both hidden folders are
+    complete and the next `atomic_directory` to the same folder puts the new one in place."""
     target = os.path.abspath(os.fspath(save_directory)).rstrip(os.sep)
     parent, name = os.path.split(target)
     staging = os.path.join(parent, f".{name}.saving")
@@ -140,8 +145,12 @@ def save_pretrained_atomic(model, save_directory, **kwargs) -> str:
         os.rename(staging if os.path.isdir(staging) else previous, target)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(previous, ignore_errors=True)
-
-    model.save_pretrained(staging, **kwargs)
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for root, _, files in os.walk(staging):
         for file in files:
             _fsync(os.path.join(root, file))
@@ -154,7 +163,14 @@ def save_pretrained_atomic(model, save_directory, **kwargs) -> str:
     else:
         os.rename(staging, target)
         _fsync(parent)
-    return target
 
 
-__all__ = ["is_complete_checkpoint", "is_complete_save", "last_complete_checkpoint", "save_pretrained_atomic"]
+def save_pretrained_atomic(model, save_directory, **kwargs) -> str:
+    """`model.save_pretrained(save_directory, **kwargs)` that a crash cannot leave half-written (see
+    `atomic_directory`). Returns the folder's absolute path."""
+    with atomic_directory(save_directory) as staging:
+        model.save_pretrained(staging, **kwargs)
+    return os.path.abspath(os.fspath(save_directory)).rstrip(os.sep)
+
+
+__all__ = ["atomic_directory", "is_complete_checkpoint", "is_complete_save", "last_complete_checkpoint", "save_pretrained_atomic"]

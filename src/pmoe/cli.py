@@ -6,13 +6,11 @@ checkpoint, unknown repo id, bad number, unreadable JSON, ...) ends with one lin
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 
 
@@ -158,35 +156,6 @@ def copy_tokenizer(source: str, staging: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def staged_directory(target: str):
-    """Yield a temporary folder next to `target`; on success it replaces `target` by renames, so a crash never leaves
-    a half-written checkpoint (at worst the old one sits in a `.<name>.old-*` folder next to it); on error it goes."""
-    target = os.path.abspath(target)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
-        yield staging
-        if os.path.isdir(target) and not os.listdir(target):
-            os.rmdir(target)
-        if not os.path.exists(target):
-            os.rename(staging, target)
-            return
-        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rmdir(backup)
-        os.rename(target, backup)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            os.rename(backup, target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def layer_span(indices) -> str:
     indices = list(indices)
     if not indices:
@@ -200,6 +169,7 @@ def cmd_convert(args) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import pmoe
+    from .checkpointing import atomic_directory
     from .configuration_pmoe import SUPPORTED_DENSE_ARCHITECTURES
 
     check_new_output_dir(args.output_dir)
@@ -224,7 +194,7 @@ def cmd_convert(args) -> int:
         difference = (model(input_ids=probe).logits.float() - dense(input_ids=probe).logits.float()).abs().max().item()
     del dense
 
-    with staged_directory(args.output_dir) as staging:
+    with atomic_directory(args.output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer = copy_tokenizer(args.source, staging)
 
@@ -246,6 +216,8 @@ def cmd_convert(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- add-expert
 def cmd_add_expert(args) -> int:
+    from .checkpointing import atomic_directory
+
     config = load_pmoe_config(args.checkpoint)
     local = os.path.isdir(args.checkpoint)
     in_place = args.output_dir is None or (
@@ -261,7 +233,7 @@ def cmd_add_expert(args) -> int:
     index = model.add_expert(args.task)
     trainable = sum(param.numel() for param in model.expert_parameters(index).values())
     target = os.path.realpath(args.checkpoint) if in_place else args.output_dir
-    with staged_directory(target) as staging:
+    with atomic_directory(target) as staging:
         model.save_pretrained(staging)
         if local:
             carry_files(args.checkpoint, staging)
@@ -281,7 +253,7 @@ def cmd_add_expert(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- info
 def router_buffer_names(model) -> list[str]:
-    from .modeling_pmoe import PMoERouter, PMoERouterKey
+    from .experts_pmoe import PMoERouter, PMoERouterKey
 
     names = []
     for prefix, module in model.named_modules():
@@ -361,15 +333,13 @@ def load_for_info(source: str):
 
 
 def checkpoint_summary(source: str) -> dict:
-    import torch
-
     from .configuration_pmoe import SUPPORTED_DENSE_ARCHITECTURES
 
     model = load_for_info(source)
     config = model.config
     routers = model.expert_routers()
     usage_per_router = [router.usage.float().tolist() for router in routers]
-    usage = model.expert_usage() if hasattr(model, "expert_usage") else torch.tensor(usage_per_router).sum(0)
+    usage = model.expert_usage()
     total_usage = float(usage.sum()) if config.num_experts else 0.0
     fitted_keys = config.router_keys != "learned"  # Gaussian or LDA keys count the samples they were fitted on
     steps = list(getattr(config, "expert_train_steps", None) or [])

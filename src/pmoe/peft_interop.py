@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .configuration_pmoe import EMBEDDING_TARGET
-from .modeling_pmoe import PMoEEmbedding, PMoEExperts, PMoELinear, PMoEPreTrainedModel
+from .experts_pmoe import PMoEEmbedding, PMoEExperts, PMoELinear
+from .modeling_pmoe import PMoEPreTrainedModel
 
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")

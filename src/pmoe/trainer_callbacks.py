@@ -43,7 +43,9 @@ from transformers.trainer_pt_utils import get_parameter_names
 from transformers.utils import logging
 
 from .checkpointing import _CHECKPOINT
-from .modeling_pmoe import KEY_STATISTICS, PMoEPreTrainedModel
+from .experts_pmoe import KEY_STATISTICS
+from .growth_pmoe import set_trainable
+from .modeling_pmoe import PMoEPreTrainedModel
 
 
 logger = logging.get_logger(__name__)
@@ -266,15 +268,7 @@ class PMoEContinualCallback(TrainerCallback):
     def _activate(pmoe_model, index, trainable_experts=None):
         """Only expert `index` (or `trainable_experts`), the model's task heads and, if configured, the base weights
         require grad: what `add_expert` leaves trainable, so a resumed task trains the same parameters."""
-        trainable = {index} if trainable_experts is None else set(trainable_experts)
-        for expert in range(pmoe_model.config.num_experts):
-            pmoe_model.freeze_experts([expert], frozen=expert not in trainable)
-        for param in pmoe_model.base_parameters().values():
-            param.requires_grad_(pmoe_model.config.train_base_weights)
-        # The heads add_expert keeps trainable (the classifier's `score`). Read from the model, as add_expert does, so
-        # the policy lives in one place; getattr because remote code from an older checkpoint may lack the attribute.
-        for name in getattr(pmoe_model, "_trainable_task_heads", ()):
-            getattr(pmoe_model, name).requires_grad_(True)
+        set_trainable(pmoe_model, {index} if trainable_experts is None else trainable_experts)
         pmoe_model.training_expert = index
 
     def _schedule_position(self, step: int) -> int:
