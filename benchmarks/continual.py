@@ -62,6 +62,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from pmoe import PMoEContinualCallback, PMoEForCausalLM  # noqa: E402
 from pmoe.configuration_pmoe import default_expert_target_modules  # noqa: E402
 from pmoe.demo import DEMO_TASKS, encode, evaluate, pretrained_base, train_task  # noqa: E402
+from pmoe import reporting  # noqa: E402
 from pmoe.metrics import continual_metrics  # noqa: E402
 from pmoe.tasks import task_splits  # noqa: E402
 
@@ -228,11 +229,6 @@ def summarize(runs):
     return out
 
 
-def meaningful(method, metric) -> bool:
-    """The multitask model is one model (only OP); single-task LoRA is one adapter per task (only LA)."""
-    return not (method == "multitask" and metric != "OP" or method == "single-task-lora" and metric != "LA")
-
-
 def markdown(summary, args) -> str:
     caption = (
         f"Built-in tasks {', '.join(DEMO_TASKS)} (in this order); {args.steps_per_task} steps of 32 examples per task; "
@@ -246,7 +242,7 @@ def results_table(summary, caption) -> str:
     """The caption, then one row per method: LA / OP / BWT / FWT (mean ± std), parameters, time."""
     def cell(metric, method):
         value = summary[method][metric]
-        if not meaningful(method, metric):
+        if not reporting.metric_applies(method, metric):
             return "-"
         return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
 
@@ -266,25 +262,7 @@ def results_table(summary, caption) -> str:
 
 
 def save_figure(path, summary):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(summary)
-    figure, axis = plt.subplots(figsize=(max(8, 1.1 * len(methods)), 4))
-    width = 0.27
-    for offset, metric in zip((-width, 0, width), ("LA", "OP", "BWT")):
-        shown = [meaningful(m, metric) for m in methods]
-        means = [100 * summary[m][metric]["mean"] if ok else float("nan") for m, ok in zip(methods, shown)]
-        errors = [100 * summary[m][metric]["std"] if ok else 0.0 for m, ok in zip(methods, shown)]
-        axis.bar([i + offset for i in range(len(methods))], means, width, yerr=errors, label=metric, capsize=2)
-    axis.axhline(0, color="black", linewidth=0.8)
-    axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-    axis.set_ylabel("exact match (%)")
-    axis.legend()
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    reporting.save_figure(reporting.method_summary_figure(summary, ylabel="exact match (%)"), path)
 
 
 def main():

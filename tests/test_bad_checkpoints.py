@@ -19,11 +19,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 import pmoe
 from pmoe import PMoEForCausalLM
 
-from conftest import make_pmoe, padded_batch, randomize_experts
+from helpers import make_pmoe, padded_batch, randomize_experts
 
 
 TASKS = ["sql", "chat"]
-RANK = 4  # conftest's tiny_pmoe_config
+RANK = 4  # helpers.tiny_pmoe_config's
 CORRUPT = "truncated or its header is corrupted"
 MISMATCH = r"the weights do not match config\.json"
 

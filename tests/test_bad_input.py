@@ -9,14 +9,8 @@ import torch
 import pmoe
 from pmoe.experts_pmoe import route
 
-from conftest import (
-    TOKEN_LEARNED,
-    TINY,
-    VOCAB,
-    make_dense,
-    make_pmoe,
-    padded_batch,
-    randomize_experts,
+from helpers import (
+    TINY, TOKEN_LEARNED, VOCAB, greedy_by_recomputation, make_dense, make_pmoe, padded_batch, randomize_experts,
     tiny_pmoe_config,
 )
 
@@ -153,7 +147,6 @@ def test_expert_choice_gives_an_all_padding_row_no_expert():
 
 
 def test_generation_with_an_all_padding_row():
-    from test_generation import greedy_by_recomputation
 
     model = grown(2)
     input_ids, attention_mask = padded_batch(batch=3, length=7, side="left")

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import pmoe
-from conftest import REMOTE_CODE_FILES, make_dense, make_pmoe, randomize_experts
+from helpers import REMOTE_CODE_FILES, make_dense, make_pmoe, randomize_experts
 from pmoe.cli import main
 from pmoe.tasks import char_tokenizer
 

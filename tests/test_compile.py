@@ -7,7 +7,7 @@ build, which takes about a minute on 2 cores; `benchmarks/compile_check.py` runs
 import torch
 import torch._dynamo
 
-from conftest import make_pmoe, padded_batch, randomize_experts
+from helpers import make_pmoe, padded_batch, randomize_experts
 from pmoe.modeling_pmoe import CACHE_KWARG
 
 

@@ -6,7 +6,7 @@ from transformers import AutoConfig, GPT2Config, LlamaConfig
 import pmoe
 from pmoe import PMoEConfig
 
-from conftest import TINY, tiny_pmoe_config
+from helpers import TINY, tiny_pmoe_config
 
 
 def test_defaults_and_derived_fields():

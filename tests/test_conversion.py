@@ -4,7 +4,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaModel
 
 from pmoe import PMoEForCausalLM
 
-from conftest import FAMILIES, TINY, make_dense, padded_batch, randomize_experts
+from helpers import FAMILIES, TINY, make_dense, padded_batch, randomize_experts
 
 
 def max_diff_on_real_tokens(a, b, attention_mask):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from pmoe.configuration_pmoe import PMOE_VERSION
 
-from conftest import make_pmoe, padded_batch, randomize_experts
+from helpers import make_pmoe, padded_batch, randomize_experts
 
 
 OTHER_PYTHON = os.environ.get("PMOE_OTHER_PYTHON")

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from pmoe import PMoEForCausalLM
 
-from conftest import VOCAB
-from continual_child import finish, run_tasks, start_child
+from helpers import VOCAB
+from processes.continual_child import finish, run_tasks, start_child
 
 
 SEED = 3

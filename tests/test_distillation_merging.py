@@ -9,9 +9,7 @@ from pmoe import PMoEContinualCallback, PMoEEmbedding
 from pmoe.experts_pmoe import route
 from pmoe.growth_pmoe import best_low_rank_factors
 
-from conftest import make_pmoe, randomize_experts
-from test_routing import fit_task, task_batch
-from test_trainer import task_dataset, training_args, without_task
+from helpers import fit_task, make_pmoe, randomize_experts, task_batch, task_dataset, training_args, without_task
 
 
 def grown(num_experts=2, **overrides):
@@ -176,7 +174,7 @@ def test_callback_merges_every_n_steps_and_training_continues(tmp_path):
 def test_the_growth_api_is_on_every_head():
     """Merge / remove / cap / usage are the same mixin on the model, the causal LM and the classifier."""
     from pmoe import PMoEForSequenceClassification, PMoEModel
-    from conftest import tiny_pmoe_config
+    from helpers import tiny_pmoe_config
 
     for model_class in (PMoEModel, PMoEForSequenceClassification):
         torch.manual_seed(0)
@@ -200,7 +198,7 @@ def test_add_expert_and_the_callback_share_one_freeze_policy():
     """`set_trainable` is the policy: after add_expert, exactly the new expert (and the classifier head) train."""
     from pmoe import PMoEForSequenceClassification
     from pmoe.growth_pmoe import set_trainable
-    from conftest import tiny_pmoe_config
+    from helpers import tiny_pmoe_config
 
     model = PMoEForSequenceClassification(tiny_pmoe_config(num_labels=2))
     model.add_expert("a")

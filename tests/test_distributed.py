@@ -15,7 +15,7 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("router_keys", ["gaussian", "lda"])
 def test_one_trainer_per_task_under_torchrun_on_two_cpu_processes(tmp_path, router_keys):
-    script = os.path.join(os.path.dirname(__file__), "distributed", "continual_ddp.py")
+    script = os.path.join(os.path.dirname(__file__), "processes", "continual_ddp.py")
     report_path = tmp_path / "report.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -3,28 +3,7 @@ import torch
 
 from pmoe import PMoEForCausalLM
 
-from conftest import TOKEN_LEARNED, make_dense, make_pmoe, padded_batch, randomize_experts
-
-
-def greedy_by_recomputation(model, input_ids, attention_mask, steps):
-    """Reference decoding: the full sequence through the model at every step, no cache; with sequence routing, the
-    gate computed from the prompt is reused at every step."""
-    ids, mask, routing_weights = input_ids, attention_mask, None
-    with torch.no_grad():
-        for _ in range(steps):
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                routing_weights=routing_weights,
-            )
-            logits = out.logits
-            routing_weights = out.routing_weights if routing_weights is None else routing_weights
-            next_logits = logits[:, -1].clone()
-            next_logits[:, model.config.eos_token_id] = float("-inf")  # as generate's min_new_tokens does
-            next_token = next_logits.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_token], dim=-1)
-            mask = torch.cat([mask, torch.ones_like(next_token)], dim=-1)
-    return ids
+from helpers import TOKEN_LEARNED, greedy_by_recomputation, make_dense, make_pmoe, padded_batch, randomize_experts
 
 
 def grown_model(num_experts, **overrides):

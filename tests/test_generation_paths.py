@@ -16,7 +16,7 @@ from pmoe import PMoEForCausalLM
 from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES
 from pmoe.modeling_pmoe import CACHE_KWARG
 
-from conftest import VOCAB, make_pmoe, padded_batch, randomize_experts
+from helpers import VOCAB, make_pmoe, padded_batch, randomize_experts
 
 
 def grown(num_experts=2, **overrides):

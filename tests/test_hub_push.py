@@ -1,14 +1,13 @@
-"""push_to_hub to a Hub endpoint on 127.0.0.1 (tests/hub_server.py), then loading each revision as remote code in a
-fresh process without pmoe, through the normal download path."""
+"""push_to_hub to a Hub endpoint on 127.0.0.1 (tests/processes/hub_server.py), then loading each revision as remote
+code in a fresh process without pmoe, through the normal download path."""
 
 import torch
 from safetensors.torch import save_file
 
 from pmoe import PMoEForCausalLM
 
-from conftest import REMOTE_CODE_FILES, make_dense, padded_batch, randomize_experts
-from hub_server import HubServer
-from test_hub_server import client_env, run_client
+from helpers import REMOTE_CODE_FILES, client_env, make_dense, padded_batch, randomize_experts, run_client
+from processes.hub_server import HubServer
 
 
 PUSH = """

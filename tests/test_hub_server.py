@@ -1,42 +1,12 @@
-"""The fake Hub (tests/hub_server.py) against the real clients: huggingface_hub uploads and downloads, and
+"""The fake Hub (tests/processes/hub_server.py) against the real clients: huggingface_hub uploads and downloads, and
 transformers push_to_hub / from_pretrained, each in a subprocess whose HF_ENDPOINT points at the fake."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
-from hub_server import HubServer
+from processes.hub_server import HubServer
 
-
-def client_env(server: HubServer, home) -> dict:
-    """Environment of a client process. huggingface_hub reads these at import time, hence the subprocesses."""
-    env = dict(os.environ)
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "HF_TOKEN_PATH"):
-        env.pop(name, None)
-    env.update(
-        HF_ENDPOINT=server.url,
-        HF_TOKEN="hf_fake",
-        HF_HUB_OFFLINE="0",  # conftest sets HF_HUB_OFFLINE=1 for the test process itself
-        TRANSFORMERS_OFFLINE="0",
-        HF_HOME=str(home),  # fresh cache: every file really comes over HTTP
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_XET="1",  # hf_xet is installed: without this upload_folder takes the Xet pipeline
-        NO_PROXY=",".join(filter(None, [env.get("NO_PROXY"), "127.0.0.1", "localhost"])),
-    )
-    return env
-
-
-def run_client(code: str, env: dict, *args) -> dict:
-    """Run `code` in a fresh interpreter; it prints one JSON object as its last line."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+from helpers import client_env, run_client
 
 
 UPLOAD_AND_DOWNLOAD = """

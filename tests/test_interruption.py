@@ -12,7 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import pmoe
 from pmoe import PMoEForCausalLM
 
-from continual_child import kill_at_marker, run_schedule, run_tasks, start_child
+from processes.continual_child import kill_at_marker, run_schedule, run_tasks, start_child
 
 
 @pytest.fixture(autouse=True)
@@ -131,8 +131,8 @@ def test_killed_while_saving_the_model_at_a_task_boundary(tmp_path, save):
 
 
 def test_atomic_save_survives_a_crash_between_its_renames(tmp_path, monkeypatch):
-    from continual_child import MODEL
-    from conftest import make_pmoe
+    from processes.continual_child import MODEL
+    from helpers import make_pmoe
 
     first, second = make_pmoe(**MODEL), make_pmoe(**MODEL)
     first.add_expert("a")
@@ -166,7 +166,7 @@ def test_atomic_save_survives_a_crash_between_its_renames(tmp_path, monkeypatch)
 def test_complete_save_checks_weights_against_the_config(tmp_path):
     import shutil
 
-    from conftest import make_pmoe
+    from helpers import make_pmoe
 
     model = make_pmoe()
     model.add_expert("a")
@@ -184,8 +184,8 @@ def test_complete_save_checks_weights_against_the_config(tmp_path):
 def test_warns_when_a_task_would_overwrite_another_tasks_checkpoints(tmp_path, caplog):
     from transformers import Trainer
 
-    from continual_child import MODEL, TASKS, training_args, task_dataset, without_task
-    from conftest import make_pmoe
+    from processes.continual_child import MODEL, TASKS, training_args, task_dataset, without_task
+    from helpers import make_pmoe
 
     model = make_pmoe(**MODEL)
     callback = pmoe.PMoEContinualCallback(tasks=TASKS)

@@ -7,8 +7,7 @@ from transformers import Trainer
 import pmoe
 from pmoe import PMoEContinualCallback
 
-from conftest import make_pmoe, padded_batch, randomize_experts
-from test_trainer import task_dataset, training_args, without_task
+from helpers import make_pmoe, padded_batch, randomize_experts, task_dataset, training_args, without_task
 
 
 def test_fifty_experts_grow_linearly_and_round_trip(tmp_path):

@@ -1,15 +1,13 @@
 """The generated Hub model card and the continual-learning record it shows."""
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from transformers import Trainer
 
 import pmoe
 from pmoe import PMoEContinualCallback
 
-from conftest import make_dense
-from test_trainer import task_dataset, training_args, without_task
+from helpers import make_dense, task_dataset, training_args, without_task
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES
 from pmoe.experts_pmoe import route
 from transformers import PreTrainedModel
 
-from conftest import TINY, TOKEN_LEARNED, VOCAB, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
+from helpers import TINY, TOKEN_LEARNED, VOCAB, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
 
 PROJECTIONS = list(EXPERT_TARGET_MODULES)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import pmoe
 from pmoe import PMoEForCausalLM, export_expert_to_peft, import_peft_adapter
 
-from conftest import make_dense, padded_batch, randomize_experts
+from helpers import make_dense, padded_batch, randomize_experts
 
 
 CONFIG_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "bias", "layers_pattern",

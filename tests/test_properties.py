@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import pmoe
 from pmoe.experts_pmoe import route
 
-from conftest import TINY, VOCAB, randomize_experts, tiny_pmoe_config
+from helpers import TINY, VOCAB, randomize_experts, tiny_pmoe_config
 
 
 # PMOE_PROPERTY_EXAMPLES=500 explores more (about 1 s per example on 2 CPU cores).

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REMOTE_CODE_FILES, make_pmoe, padded_batch, randomize_experts
+from helpers import REMOTE_CODE_FILES, make_pmoe, padded_batch, randomize_experts
 
 
 CHILD = textwrap.dedent(

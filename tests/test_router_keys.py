@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import pmoe
 from pmoe.experts_pmoe import PMoERouter
 
-from conftest import make_pmoe, padded_batch, randomize_experts
+from helpers import make_pmoe, padded_batch, randomize_experts
 
 
 HIDDEN = 32

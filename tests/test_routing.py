@@ -5,28 +5,7 @@ import torch
 
 from pmoe import PMoEForCausalLM
 
-from conftest import VOCAB, make_dense, make_pmoe, padded_batch, randomize_experts
-
-
-def task_batch(task: int, batch: int = 8, length: int = 16, seed: int = 0):
-    """Sequences whose prompt (first half) draws tokens from the task's own 8 tokens of the vocabulary."""
-    generator = torch.Generator().manual_seed(seed * 100 + task)
-    low = 3 + task * (VOCAB - 3) // 4
-    input_ids = torch.randint(low, low + 8, (batch, length), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : length // 2] = -100
-    return input_ids, labels
-
-
-def fit_task(model, index, task, batches=4):
-    """What training a task does to its Gaussian key: forward its batches in train mode with the expert selected."""
-    model.train()
-    model.training_expert = index
-    with torch.no_grad():
-        for seed in range(batches):
-            input_ids, labels = task_batch(task, seed=seed)
-            model(input_ids=input_ids, labels=labels)
-    model.eval()
+from helpers import fit_task, make_dense, make_pmoe, padded_batch, randomize_experts, task_batch
 
 
 def routed_expert(model, task, seed=99, batch=8):

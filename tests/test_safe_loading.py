@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 import pmoe
 from pmoe import PMoEForCausalLM
 
-from conftest import REMOTE_CODE_FILES, make_pmoe, randomize_experts
+from helpers import REMOTE_CODE_FILES, make_pmoe, randomize_experts
 
 
 PACKAGE = Path(pmoe.__file__).parent

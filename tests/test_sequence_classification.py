@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import pmoe
 from pmoe.experts_pmoe import expert_choice_route, route
 
-from conftest import make_dense, padded_batch, randomize_experts, tiny_pmoe_config
+from helpers import make_dense, padded_batch, randomize_experts, tiny_pmoe_config
 
 
 EXPERT_CHOICE = dict(routing="expert_choice", num_labels=3)

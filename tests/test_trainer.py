@@ -6,38 +6,11 @@ import os
 import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
-from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from pmoe import PMoEContinualCallback, PMoEForCausalLM, PMoEForSequenceClassification, schedule_from_task_column
 
-from conftest import TINY, make_dense, make_pmoe, tiny_pmoe_config
-
-
-def task_dataset(task: int, examples: int = 16, length: int = 12) -> Dataset:
-    """A toy task: copy a prompt drawn from the task's own 8 tokens (answer = prompt shifted by the task id)."""
-    generator = torch.Generator().manual_seed(task)
-    low = 3 + task * 20
-    prompt = torch.randint(low, low + 8, (examples, length // 2), generator=generator)
-    answer = (prompt + task) % TINY["vocab_size"]
-    input_ids = torch.cat([prompt, answer], dim=1)
-    labels = input_ids.clone()
-    labels[:, : length // 2] = -100
-    return Dataset.from_dict({
-        "input_ids": input_ids.tolist(),
-        "attention_mask": torch.ones_like(input_ids).tolist(),
-        "labels": labels.tolist(),
-        "task": [f"task-{task}"] * examples,
-    })
-
-
-def training_args(output_dir, **overrides):
-    fields = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=4, learning_rate=5e-3,
-        lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, seed=0, data_seed=0,
-    )
-    fields.update(overrides)
-    return TrainingArguments(**fields)
+from helpers import make_dense, make_pmoe, task_dataset, tiny_pmoe_config, training_args, without_task
 
 
 def snapshot(tensors):
@@ -48,10 +21,6 @@ def assert_identical(tensors, saved):
     assert tensors.keys() == saved.keys()
     for name, tensor in tensors.items():
         assert torch.equal(tensor, saved[name]), name
-
-
-def without_task(dataset):
-    return dataset.remove_columns("task")
 
 
 def test_one_trainer_per_task_freezes_everything_but_the_new_expert(tmp_path):
@@ -157,6 +126,16 @@ def test_router_health_reaches_tensorboard(tmp_path):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/router/entropy", "train/router/agreement", "train/router/load/0_task-0"} <= tags
+
+
+def test_the_callback_moves_before_the_reporting_integrations_or_says_why_not(tmp_path):
+    callback = PMoEContinualCallback(tasks=["task-0"])
+    trainer = Trainer(make_pmoe(), training_args(tmp_path, report_to="tensorboard"),
+                      train_dataset=without_task(task_dataset(0)), callbacks=[callback])
+    assert trainer.callback_handler.callbacks[1] is callback  # right after DefaultFlowCallback
+    # Outside a Trainer event there is no callback list to find: a loud error, not a silent skip.
+    with pytest.raises(RuntimeError, match="could not find the Trainer's callback list"):
+        callback._run_before_reporting_callbacks()
 
 
 def test_resume_after_a_boundary_ends_like_an_uninterrupted_run(tmp_path):

@@ -20,7 +20,7 @@ from transformers import AutoConfig, Cache, Trainer, TrainingArguments
 import pmoe
 from pmoe.configuration_pmoe import PMOE_VERSION
 
-from conftest import make_pmoe, tiny_pmoe_config
+from helpers import make_pmoe, tiny_pmoe_config
 
 
 ROOT = Path(__file__).resolve().parents[1]

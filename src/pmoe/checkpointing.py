@@ -51,6 +51,15 @@ def _safetensors_keys(path):
     return set(tensors) if size == 8 + length + end else None
 
 
+def read_weight_map(index_path) -> dict[str, str] | None:
+    """`{tensor name: shard file}` of a sharded save's `model.safetensors.index.json`, or None when it does not parse
+    or maps nothing."""
+    weight_map = (_read_json(index_path) or {}).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        return None
+    return weight_map
+
+
 def is_complete_save(directory) -> bool:
     """Whether `directory` holds a whole `save_pretrained` save: config.json parses, the safetensors weights (one file,
     or an index and all its shards) are complete, and for a PMoE model the weights hold exactly the config's experts
@@ -61,8 +70,8 @@ def is_complete_save(directory) -> bool:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = (_read_json(index) or {}).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
+        weight_map = read_weight_map(index)
+        if weight_map is None:
             return False
         keys = set()
         for shard in set(weight_map.values()):

@@ -7,7 +7,6 @@ checkpoint, unknown repo id, bad number, unreadable JSON, ...) ends with one lin
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -275,10 +274,13 @@ def read_tensors(source: str, names: list[str]) -> dict | None:
     """The named tensors from a checkpoint's safetensors files (None when it has none)."""
     from safetensors import safe_open
 
+    from .checkpointing import read_weight_map
+
     index = weight_file(source, "model.safetensors.index.json")
     if index is not None:
-        with open(index) as handle:
-            weight_map = json.load(handle)["weight_map"]
+        weight_map = read_weight_map(index)
+        if weight_map is None:
+            raise CommandError(f"{source}: model.safetensors.index.json does not parse or maps no tensor")
         files = {}
         for name in names:
             if name in weight_map:
@@ -477,17 +479,6 @@ def check_matrix(matrix, what: str) -> list[list[float]]:
     return [[float(value) for value in row] for row in matrix]
 
 
-def metric_value(value):
-    """A metric as a number: plain, `{"mean": ..., "std": ...}`, or missing (NaN)."""
-    if isinstance(value, dict):
-        value = value.get("mean")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
-def metric_std(value):
-    return float(value.get("std") or 0.0) if isinstance(value, dict) else 0.0
-
-
 def matrix_panels(results: dict, path: str) -> tuple[list[str], list[tuple[str, list, dict]]]:
     """`(tasks, [(title, matrix, metrics)])` from a `pmoe demo` or run_continual.py results file."""
     from .metrics import continual_metrics
@@ -512,89 +503,6 @@ def matrix_panels(results: dict, path: str) -> tuple[list[str], list[tuple[str, 
     return [str(task) for task in tasks], panels
 
 
-def plot_matrices(tasks: list[str], panels: list):
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(panels), figsize=(1.2 + 4.4 * len(panels), 4.4), squeeze=False)
-    for axis, (name, matrix, metrics) in zip(axes[0], panels):
-        image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        axis.set_title(f"{name}\nLA {metric_value(metrics.get('LA')):.1%}, OP {metric_value(metrics['OP']):.1%}, "
-                       f"BWT {metric_value(metrics['BWT']):+.1%}", fontsize=10)
-        axis.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
-        axis.set_yticks(range(len(tasks)), [f"after {task}" for task in tasks] if axis is axes[0][0] else [])
-        axis.set_xlabel("evaluated task")
-        for i, row in enumerate(matrix):
-            for j, value in enumerate(row):
-                axis.text(j, i, f"{value:.0%}", ha="center", va="center", color="white" if value < 0.6 else "black",
-                          fontsize=8)
-    figure.colorbar(image, ax=list(axes[0]), fraction=0.03)
-    return figure
-
-
-def plot_benchmark(results: dict, path: str):
-    import matplotlib.pyplot as plt
-
-    summary = results["summary"]
-    if not isinstance(summary, dict) or not summary or not all(isinstance(v, dict) for v in summary.values()):
-        raise CommandError(f"{path}: `summary` must map each method to its metrics")
-    methods = list(summary)
-    metrics = ("LA", "OP", "BWT")
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) + 2), 4.6))
-    width = 0.8 / len(metrics)
-    for offset, metric in enumerate(metrics):
-        values = [100 * metric_value(summary[method].get(metric)) for method in methods]
-        errors = [100 * metric_std(summary[method].get(metric)) for method in methods]
-        positions = [index + (offset - 1) * width for index in range(len(methods))]
-        axis.bar(positions, values, width, yerr=errors, capsize=2, label=metric)
-    axis.axhline(0, color="black", linewidth=0.8)
-    axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-    axis.set_ylabel("exact match / transfer (%)")
-    tasks = results.get("tasks")
-    seeds = (results.get("args") or {}).get("seeds") if isinstance(results.get("args"), dict) else None
-    title = "continual-learning benchmark: LA, OP, BWT per method"
-    if isinstance(tasks, list):
-        title += f"\ntasks {', '.join(map(str, tasks))}" + (f"; mean ± std over seeds {seeds}" if seeds else "")
-    axis.set_title(title, fontsize=10)
-    axis.legend()
-    return figure
-
-
-def plot_router(summary: dict):
-    import matplotlib.pyplot as plt
-
-    experts = summary["experts"]
-    if not experts:
-        raise CommandError(f"{summary['checkpoint']} has no experts yet: nothing to plot "
-                           "(grow one with `pmoe add-expert`)")
-    labels = [f"{expert['index']}: {expert['task']}" for expert in experts]
-    unit = summary["router"]["key_sample_unit"]
-    figure, axes = plt.subplots(1, 2 if unit else 1, figsize=(5.5 * (2 if unit else 1), 4.2), squeeze=False)
-    per_router = summary["router"]["usage_per_router"]
-    usage_axis = axes[0][0]
-    if len(per_router) > 1:  # one router per deep layer: routers x experts
-        shares = [[value / sum(row) if sum(row) > 0 else 0.0 for value in row] for row in per_router]
-        image = usage_axis.imshow(shares, vmin=0, vmax=1, cmap="magma", aspect="auto")
-        usage_axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        usage_axis.set_ylabel("router")
-        figure.colorbar(image, ax=usage_axis, fraction=0.05)
-    else:
-        shares = [expert["usage_share"] or 0.0 for expert in experts]
-        usage_axis.bar(range(len(labels)), [100 * share for share in shares], color="tab:purple")
-        usage_axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        usage_axis.set_ylabel("share of gate mass in training (%)")
-    recorded = summary["router"]["usage_total"] > 0
-    usage_axis.set_title("router usage per expert" + ("" if recorded else "\n(no training forwards recorded)"),
-                         fontsize=10)
-    if unit:
-        counts = [sum(expert["key_samples"]) / len(expert["key_samples"]) for expert in experts]
-        axes[0][1].bar(range(len(labels)), counts, color="tab:green")
-        axes[0][1].set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        axes[0][1].set_ylabel(f"training {unit}")
-        axes[0][1].set_title(f"Gaussian router keys: {unit} each key was fitted on", fontsize=10)
-    figure.suptitle(f"PMoE router: {summary['checkpoint']}", fontsize=10)
-    return figure
-
-
 def report_source(source: str) -> tuple[str, str]:
     """`("json", path)` or `("checkpoint", path or repo id)` for the report's INPUT."""
     if os.path.isfile(source):
@@ -612,36 +520,41 @@ def report_source(source: str) -> tuple[str, str]:
 
 
 def cmd_report(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .reporting import accuracy_matrix_figure, method_summary_figure, router_figure, save_figure
 
     kind, source = report_source(args.input)
     if kind == "checkpoint":
-        figure, what = plot_router(checkpoint_summary(source)), "router usage and Gaussian key sample counts"
+        summary = checkpoint_summary(source)
+        if not summary["experts"]:
+            raise CommandError(f"{source} has no experts yet: nothing to plot (grow one with `pmoe add-expert`)")
+        figure, what = router_figure(summary), "router usage and fitted key sample counts"
     else:
         results = read_results(source)
         try:
-            if isinstance(results.get("summary"), dict):  # benchmarks/continual.py
-                figure, what = plot_benchmark(results, source), "LA / OP / BWT per method"
+            if isinstance(results.get("summary"), dict):  # benchmarks/continual.py, benchmarks/cl_benchmark.py
+                summary = results["summary"]
+                if not summary or not all(isinstance(value, dict) for value in summary.values()):
+                    raise CommandError(f"{source}: `summary` must map each method to its metrics")
+                if not any(key in value for value in summary.values() for key in ("LA", "OP", "BWT")):
+                    raise CommandError(f"{source}: `summary` holds no LA / OP / BWT (not a continual-learning "
+                                       "results file)")
+                arguments = results.get("args") if isinstance(results.get("args"), dict) else {}
+                figure = method_summary_figure(summary, results.get("tasks"), arguments.get("seeds"),
+                                               ylabel="exact match / transfer (%)")
+                what = "LA / OP / BWT per method"
             elif isinstance(results.get("methods"), dict) or "accuracy_matrix" in results:
                 tasks, panels = matrix_panels(results, source)
-                figure = plot_matrices(tasks, panels)
+                figure = accuracy_matrix_figure(tasks, panels)
                 what = f"accuracy matrices of {', '.join(name for name, _, _ in panels)}"
             else:
                 raise CommandError(
                     f"{source}: not a results file of `pmoe demo` (`methods`), examples/run_continual.py "
-                    "(`accuracy_matrix`) or benchmarks/continual.py (`summary`)"
+                    "(`accuracy_matrix`) or benchmarks/continual.py / cl_benchmark.py (`summary`)"
                 )
         except (KeyError, TypeError, AttributeError) as error:
             raise CommandError(f"{source}: unexpected results format ({type(error).__name__}: {one_line(error)})")
-    parent = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(parent, exist_ok=True)
-    try:
-        figure.savefig(args.output, dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(figure)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_figure(figure, args.output)
     print(f"wrote {args.output}: {what} from {source}")
     return 0
 

@@ -46,6 +46,14 @@ SUPPORTED_DENSE_ARCHITECTURES = {
 SUPPORTED_DENSE_MODEL_TYPES = tuple(SUPPORTED_DENSE_ARCHITECTURES)
 
 
+def _fail(field, allowed, value):
+    raise ValueError(f"PMoEConfig.{field} must be {allowed}, got {value!r}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class PMoEConfig(PreTrainedConfig):
     r"""
     Configuration of a PMoE model: a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 weights load by copying)
@@ -297,15 +305,16 @@ class PMoEConfig(PreTrainedConfig):
 
     def validate_pmoe(self):
         """Raise a `ValueError` naming the field and its allowed range for every invalid PMoE setting."""
+        self._validate_base_model()
+        self._validate_layout()
+        self._validate_router()
+        self._validate_routing_combinations()
+        self._validate_growth()
 
-        def fail(field, allowed, value):
-            raise ValueError(f"PMoEConfig.{field} must be {allowed}, got {value!r}.")
-
-        def is_int(value):
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if self.pmoe_format_version is None or not is_int(self.pmoe_format_version) or self.pmoe_format_version < 1:
-            fail("pmoe_format_version", f"an integer in [1, {PMOE_FORMAT_VERSION}]", self.pmoe_format_version)
+    def _validate_base_model(self):
+        """The dense model's shape: sizes, heads, layer types, the checkpoint format."""
+        if self.pmoe_format_version is None or not _is_int(self.pmoe_format_version) or self.pmoe_format_version < 1:
+            _fail("pmoe_format_version", f"an integer in [1, {PMOE_FORMAT_VERSION}]", self.pmoe_format_version)
         if self.pmoe_format_version > PMOE_FORMAT_VERSION:
             raise ValueError(
                 f"PMoEConfig.pmoe_format_version is {self.pmoe_format_version}, but this pmoe reads checkpoint "
@@ -314,142 +323,154 @@ class PMoEConfig(PreTrainedConfig):
             )
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             value = getattr(self, field)
-            if not is_int(value) or value < 1:
-                fail(field, "a positive integer", value)
-        if not is_int(self.num_key_value_heads) or not 1 <= self.num_key_value_heads <= self.num_attention_heads:
-            fail("num_key_value_heads", f"an integer in [1, num_attention_heads={self.num_attention_heads}]",
-                 self.num_key_value_heads)
+            if not _is_int(value) or value < 1:
+                _fail(field, "a positive integer", value)
+        if not _is_int(self.num_key_value_heads) or not 1 <= self.num_key_value_heads <= self.num_attention_heads:
+            _fail("num_key_value_heads", f"an integer in [1, num_attention_heads={self.num_attention_heads}]",
+                  self.num_key_value_heads)
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            fail("num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}",
-                 self.num_key_value_heads)
-        if not is_int(self.head_dim) or self.head_dim < 1 or self.head_dim % 2:
-            fail("head_dim", "a positive even integer", self.head_dim)
+            _fail("num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}",
+                  self.num_key_value_heads)
+        if not _is_int(self.head_dim) or self.head_dim < 1 or self.head_dim % 2:
+            _fail("head_dim", "a positive even integer", self.head_dim)
         if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers or any(
             kind not in ATTENTION_LAYER_TYPES for kind in self.layer_types
         ):
-            fail("layer_types", f"a list of {self.num_hidden_layers} values from {list(ATTENTION_LAYER_TYPES)}",
-                 self.layer_types)
-        if "sliding_attention" in self.layer_types and (not is_int(self.sliding_window) or self.sliding_window < 1):
-            fail("sliding_window", "a positive integer when layer_types contains 'sliding_attention'",
-                 self.sliding_window)
+            _fail("layer_types", f"a list of {self.num_hidden_layers} values from {list(ATTENTION_LAYER_TYPES)}",
+                  self.layer_types)
+        if "sliding_attention" in self.layer_types and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            _fail("sliding_window", "a positive integer when layer_types contains 'sliding_attention'",
+                  self.sliding_window)
 
+    def _validate_layout(self):
+        """The asymmetric layout and the experts: shallow block, router input, rank, alpha, targets."""
         last = self.num_hidden_layers - 1
-        if not is_int(self.num_shallow_layers) or not 0 <= self.num_shallow_layers <= last:
-            fail("num_shallow_layers", f"an integer in [0, num_hidden_layers - 1] = [0, {last}]",
-                 self.num_shallow_layers)
-        if not is_int(self.router_input_layer) or not 0 <= self.router_input_layer <= self.num_shallow_layers:
-            fail("router_input_layer", f"an integer in [0, num_shallow_layers] = [0, {self.num_shallow_layers}]",
-                 self.router_input_layer)
+        if not _is_int(self.num_shallow_layers) or not 0 <= self.num_shallow_layers <= last:
+            _fail("num_shallow_layers", f"an integer in [0, num_hidden_layers - 1] = [0, {last}]",
+                  self.num_shallow_layers)
+        if not _is_int(self.router_input_layer) or not 0 <= self.router_input_layer <= self.num_shallow_layers:
+            _fail("router_input_layer", f"an integer in [0, num_shallow_layers] = [0, {self.num_shallow_layers}]",
+                  self.router_input_layer)
         if self.router_per_layer and self.router_input_layer != self.num_shallow_layers:
-            fail("router_input_layer", "num_shallow_layers when router_per_layer=True", self.router_input_layer)
-        if not is_int(self.expert_rank) or self.expert_rank < 1:
-            fail("expert_rank", "an integer >= 1", self.expert_rank)
+            _fail("router_input_layer", "num_shallow_layers when router_per_layer=True", self.router_input_layer)
+        if not _is_int(self.expert_rank) or self.expert_rank < 1:
+            _fail("expert_rank", "an integer >= 1", self.expert_rank)
         if isinstance(self.expert_alpha, bool) or not isinstance(self.expert_alpha, (int, float)) or not (
             self.expert_alpha > 0
         ):
-            fail("expert_alpha", "a number > 0 (or None for 2 * expert_rank)", self.expert_alpha)
+            _fail("expert_alpha", "a number > 0 (or None for 2 * expert_rank)", self.expert_alpha)
         if isinstance(self.expert_dropout, bool) or not isinstance(self.expert_dropout, (int, float)) or not (
             0.0 <= self.expert_dropout < 1.0
         ):
-            fail("expert_dropout", "a number in [0, 1)", self.expert_dropout)
+            _fail("expert_dropout", "a number in [0, 1)", self.expert_dropout)
         choices = [*EXPERT_TARGET_MODULES, EMBEDDING_TARGET]
         unknown = [name for name in self.expert_target_modules if name not in choices]
         if unknown or not self.expert_target_modules or len(set(self.expert_target_modules)) != len(
             self.expert_target_modules
         ):
-            fail("expert_target_modules", f"a non-empty list of distinct names from {choices}",
-                 self.expert_target_modules)
+            _fail("expert_target_modules", f"a non-empty list of distinct names from {choices}",
+                  self.expert_target_modules)
+
+    def _validate_router(self):
+        """The router's own settings: activation, routing mode, keys and their fitting."""
         if self.router_activation not in ROUTER_ACTIVATIONS:
-            fail("router_activation", f"one of {list(ROUTER_ACTIVATIONS)} (or None for the keys' default)",
-                 self.router_activation)
+            _fail("router_activation", f"one of {list(ROUTER_ACTIVATIONS)} (or None for the keys' default)",
+                  self.router_activation)
         if self.routing not in ROUTING_MODES:
-            fail("routing", f"one of {list(ROUTING_MODES)}", self.routing)
+            _fail("routing", f"one of {list(ROUTING_MODES)}", self.routing)
         if self.router_keys not in ROUTER_KEY_TYPES:
-            fail("router_keys", f"one of {list(ROUTER_KEY_TYPES)}", self.router_keys)
+            _fail("router_keys", f"one of {list(ROUTER_KEY_TYPES)}", self.router_keys)
         if isinstance(self.router_projection_size, bool) or not (
-            is_int(self.router_projection_size) and self.router_projection_size >= 1
+            _is_int(self.router_projection_size) and self.router_projection_size >= 1
         ):
-            fail("router_projection_size", "an integer >= 1", self.router_projection_size)
+            _fail("router_projection_size", "an integer >= 1", self.router_projection_size)
         if isinstance(self.router_shrinkage, bool) or not (
             isinstance(self.router_shrinkage, (int, float)) and 0.0 <= self.router_shrinkage <= 1.0
         ):
-            fail("router_shrinkage", "a number in [0, 1]", self.router_shrinkage)
+            _fail("router_shrinkage", "a number in [0, 1]", self.router_shrinkage)
         if self.router_fit_sequences is not None and not (
-            is_int(self.router_fit_sequences) and self.router_fit_sequences >= 1
+            _is_int(self.router_fit_sequences) and self.router_fit_sequences >= 1
         ):
-            fail("router_fit_sequences", "None or an integer >= 1", self.router_fit_sequences)
+            _fail("router_fit_sequences", "None or an integer >= 1", self.router_fit_sequences)
         if self.expert_layers not in EXPERT_LAYER_CHOICES:
-            fail("expert_layers", f"one of {list(EXPERT_LAYER_CHOICES)}", self.expert_layers)
+            _fail("expert_layers", f"one of {list(EXPERT_LAYER_CHOICES)}", self.expert_layers)
         if self.router_per_layer and self.routing == "sequence":
-            fail("router_per_layer", "False with routing='sequence' (a sequence gate comes from one boundary router)",
-                 self.router_per_layer)
+            _fail("router_per_layer", "False with routing='sequence' (a sequence gate comes from one boundary router)",
+                  self.router_per_layer)
+
+    def _validate_routing_combinations(self):
+        """Settings that only make sense together (expert choice, embedding experts, ...)."""
         if self.expert_capacity is not None:
             if self.routing != "expert_choice":
-                fail("expert_capacity", "None unless routing='expert_choice'", self.expert_capacity)
+                _fail("expert_capacity", "None unless routing='expert_choice'", self.expert_capacity)
             capacity = self.expert_capacity
             if isinstance(capacity, bool) or not (
-                (is_int(capacity) and capacity >= 1) or (isinstance(capacity, float) and 0 < capacity <= 1)
+                (_is_int(capacity) and capacity >= 1) or (isinstance(capacity, float) and 0 < capacity <= 1)
             ):
-                fail("expert_capacity", "an integer >= 1 (tokens per expert) or a float in (0, 1] (a fraction of "
-                     "the sequence)", capacity)
+                _fail("expert_capacity", "an integer >= 1 (tokens per expert) or a float in (0, 1] (a fraction of "
+                      "the sequence)", capacity)
         if self.routing == "expert_choice" and self.router_top_k:
-            fail("router_top_k", "None with routing='expert_choice' (experts pick tokens; set expert_capacity)",
-                 self.router_top_k)
+            _fail("router_top_k", "None with routing='expert_choice' (experts pick tokens; set expert_capacity)",
+                  self.router_top_k)
         if self.routing == "expert_choice" and self.distillation_alpha:
-            fail("distillation_alpha", "0 with routing='expert_choice' (distillation is for causal LM training)",
-                 self.distillation_alpha)
+            _fail("distillation_alpha", "0 with routing='expert_choice' (distillation is for causal LM training)",
+                  self.distillation_alpha)
         if EMBEDDING_TARGET in self.expert_target_modules and self.expert_layers != "all":
-            fail("expert_target_modules", f"a list without {EMBEDDING_TARGET!r} unless expert_layers='all' (embedding "
-                 "experts need the gate before the first layer, which only the expert-free shallow pass gives)",
-                 self.expert_target_modules)
+            _fail("expert_target_modules", f"a list without {EMBEDDING_TARGET!r} unless expert_layers='all' (embedding "
+                  "experts need the gate before the first layer, which only the expert-free shallow pass gives)",
+                  self.expert_target_modules)
         if self.expert_layers == "all" and self.routing != "sequence":
-            fail("expert_layers", "'deep' unless routing='sequence' (shallow experts are gated by the sequence gate "
-                 "of an expert-free shallow pass)", self.expert_layers)
+            _fail("expert_layers", "'deep' unless routing='sequence' (shallow experts are gated by the sequence gate "
+                  "of an expert-free shallow pass)", self.expert_layers)
         if isinstance(self.router_variance_floor, bool) or not isinstance(
             self.router_variance_floor, (int, float)
         ) or not self.router_variance_floor > 0:
-            fail("router_variance_floor", "a number > 0", self.router_variance_floor)
+            _fail("router_variance_floor", "a number > 0", self.router_variance_floor)
         if isinstance(self.router_temperature, bool) or not isinstance(self.router_temperature, (int, float)) or not (
             self.router_temperature > 0
         ):
-            fail("router_temperature", "a number > 0", self.router_temperature)
+            _fail("router_temperature", "a number > 0", self.router_temperature)
         if isinstance(self.router_min_gate, bool) or not isinstance(self.router_min_gate, (int, float)) or not (
             0 <= self.router_min_gate < 1
         ):
-            fail("router_min_gate", "a number in [0, 1) (0 keeps every expert)", self.router_min_gate)
+            _fail("router_min_gate", "a number in [0, 1) (0 keeps every expert)", self.router_min_gate)
         if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) or (
             not self.router_aux_loss_coef >= 0
         ):
-            fail("router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
+            _fail("router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
 
+    def _validate_growth(self):
+        """Distillation and the experts grown so far: counts, caps, task names, training steps."""
         if isinstance(self.distillation_alpha, bool) or not isinstance(self.distillation_alpha, (int, float)) or not (
             0 <= self.distillation_alpha < float("inf")
         ):
-            fail("distillation_alpha", "a finite number >= 0 (0 turns distillation off)", self.distillation_alpha)
+            _fail("distillation_alpha", "a finite number >= 0 (0 turns distillation off)", self.distillation_alpha)
         if self.distillation_alpha > 0 and self.router_per_layer:
-            fail("distillation_alpha", "0 with router_per_layer=True (the old-model pass needs one shared router)",
-                 self.distillation_alpha)
-        if not is_int(self.num_experts) or self.num_experts < 0:
-            fail("num_experts", "an integer >= 0", self.num_experts)
-        if self.max_experts is not None and (not is_int(self.max_experts) or self.max_experts < max(1, self.num_experts)):
-            fail("max_experts", f"None or an integer >= max(1, num_experts={self.num_experts})", self.max_experts)
+            _fail("distillation_alpha", "0 with router_per_layer=True (the old-model pass needs one shared router)",
+                  self.distillation_alpha)
+        if not _is_int(self.num_experts) or self.num_experts < 0:
+            _fail("num_experts", "an integer >= 0", self.num_experts)
+        if self.max_experts is not None and (
+            not _is_int(self.max_experts) or self.max_experts < max(1, self.num_experts)
+        ):
+            _fail("max_experts", f"None or an integer >= max(1, num_experts={self.num_experts})", self.max_experts)
         if self.router_top_k is not None:
             upper = self.max_experts if self.max_experts is not None else "max_experts"
-            if not is_int(self.router_top_k) or self.router_top_k < 0 or (
+            if not _is_int(self.router_top_k) or self.router_top_k < 0 or (
                 self.max_experts is not None and self.router_top_k > self.max_experts
             ):
-                fail("router_top_k", f"None, 0 (dense) or an integer in [1, {upper}]", self.router_top_k)
+                _fail("router_top_k", f"None, 0 (dense) or an integer in [1, {upper}]", self.router_top_k)
         if len(self.expert_tasks) != self.num_experts or not all(
             isinstance(task, str) and task for task in self.expert_tasks
         ):
-            fail("expert_tasks", f"a list of num_experts={self.num_experts} non-empty task names", self.expert_tasks)
+            _fail("expert_tasks", f"a list of num_experts={self.num_experts} non-empty task names", self.expert_tasks)
         if len(set(self.expert_tasks)) != len(self.expert_tasks):
-            fail("expert_tasks", "a list of distinct task names", self.expert_tasks)
+            _fail("expert_tasks", "a list of distinct task names", self.expert_tasks)
         if len(self.expert_train_steps) != self.num_experts or not all(
-            is_int(steps) and steps >= 0 for steps in self.expert_train_steps
+            _is_int(steps) and steps >= 0 for steps in self.expert_train_steps
         ):
-            fail("expert_train_steps", f"a list of num_experts={self.num_experts} integers >= 0",
-                 self.expert_train_steps)
+            _fail("expert_train_steps", f"a list of num_experts={self.num_experts} integers >= 0",
+                  self.expert_train_steps)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:

@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from . import reporting
 from .metrics import continual_metrics, exact_match
 from .modeling_pmoe import PMoEForCausalLM
 from .tasks import char_tokenizer, padding_collator, pretraining_text, task_splits
@@ -168,32 +169,10 @@ def format_matrix(name, tasks, matrix, metrics):
 
 
 def save_figure(path, tasks, results, routing):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    for axis, (name, result) in zip(axes[:2], results.items()):
-        image = axis.imshow(result["matrix"], vmin=0, vmax=1, cmap="viridis")
-        axis.set_title(f"{name}\nOP {result['metrics']['OP']:.0%}, BWT {result['metrics']['BWT']:+.0%}")
-        axis.set_xticks(range(len(tasks)), tasks, rotation=30)
-        axis.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks] if axis is axes[0] else [])
-        axis.set_xlabel("evaluated task")
-        for i, row in enumerate(result["matrix"]):
-            for j, value in enumerate(row):
-                axis.text(j, i, f"{value:.0%}", ha="center", va="center", color="white" if value < 0.6 else "black")
-    figure.colorbar(image, ax=axes[:2], fraction=0.025)
+    """The demo's figure: both methods' accuracy matrices and the PMoE router's routing matrix."""
+    panels = [(name, result["matrix"], result["metrics"]) for name, result in results.items()]
     usage = [[routes.count(expert) / len(routes) for expert in range(len(tasks))] for routes in routing]
-    axes[2].imshow(usage, vmin=0, vmax=1, cmap="magma")
-    axes[2].set_title("PMoE router: share of each task's test prompts\nsent to each expert (no task id)")
-    axes[2].set_xticks(range(len(tasks)), [f"expert {e}" for e in range(len(tasks))], rotation=30)
-    axes[2].set_yticks(range(len(tasks)), tasks)
-    for i, row in enumerate(usage):
-        for j, value in enumerate(row):
-            axes[2].text(j, i, f"{value:.0%}", ha="center", va="center", color="white" if value < 0.6 else "black")
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    reporting.save_figure(reporting.accuracy_matrix_figure(tasks, panels, routing=usage), path)
 
 
 def run_demo(output_dir: str | None = None, steps_per_task: int = 300, pretrain_steps: int = 1500,

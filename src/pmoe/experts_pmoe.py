@@ -81,7 +81,9 @@ class PMoEExperts:
             for _ in range(config.num_experts):
                 self.experts.append(self.expert_class(in_features, out_features, self.rank))
 
-    def add_expert(self) -> PMoELoRAExpert:
+    def grow_expert(self) -> PMoELoRAExpert:
+        """Append one new expert (LoRA B or, for the embedding, A at zero: it changes nothing until trained); the
+        model's `add_expert` grows one in every expert module at once."""
         expert = self.expert_class(*self.expert_shape, self.rank)
         expert.to(device=self.weight.device, dtype=self.weight.dtype)
         self.experts.append(expert)

@@ -179,7 +179,7 @@ class PMoEGrowthMixin:
             )
         index = config.num_experts
         for module in self.expert_modules():
-            module.add_expert()
+            module.grow_expert()
         reference = self.get_input_embeddings().weight
         for router in self.expert_routers():
             router.add_key(reference.device, reference.dtype)

@@ -484,7 +484,7 @@ class PMoESequenceClassifierOutput(SequenceClassifierOutputWithPast):
 class PMoEGateMixin:
     """Where `PMoEModel`'s gate comes from; the forward asks `_gate_before_layers` once, then `_routes_before` at each
     layer. The router's own forward has no side effects: a training forward's bookkeeping (key fitting, logs, usage)
-    is `PMoERouter.training_step`, called from `_route`."""
+    is `PMoERouter.training_step`, called from `_router_gates`."""
 
     def _gate_before_layers(
         self, inputs_embeds, routing_weights, attention_mask, routing_mask, sequence_ids, mask_kwargs, layer_kwargs,
@@ -504,7 +504,7 @@ class PMoEGateMixin:
         if self._key_is_fitted(needs_router_logits):
             return self._training_gate(inputs_embeds, sequence_ids), ()
         boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
-        gates, logits = self._route(self.routers[0], boundary, routing_mask, sequence_ids)
+        gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
         return gates, (logits.reshape(-1, logits.shape[-1]),)
 
     def _routes_before(self, layer_idx: int, gates: torch.Tensor | None) -> bool:
@@ -518,9 +518,11 @@ class PMoEGateMixin:
         return config.router_per_layer and layer_idx > config.num_shallow_layers
 
     def _router_at(self, layer_idx: int) -> PMoERouter:
-        return self.routers[layer_idx - self.config.num_shallow_layers if self.config.router_per_layer else 0]
+        """The first router, or with one router per deep layer, deep layer `layer_idx`'s own (after the first)."""
+        first_deep = self.config.num_shallow_layers
+        return self.routers[layer_idx - first_deep if self.config.router_per_layer and layer_idx > first_deep else 0]
 
-    def _route(
+    def _router_gates(
         self, router: PMoERouter, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None,
         sequence_ids: torch.Tensor | None = None,
     ):
@@ -550,7 +552,7 @@ class PMoEGateMixin:
         )
 
     def _training_gate(self, inputs_embeds: torch.Tensor, sequence_ids: torch.Tensor | None) -> torch.Tensor:
-        """The gate of `_route` with the trained expert forced, `[B, 1, E]` one-hot, without routing; the expert's
+        """The gate of `_router_gates` with the trained expert forced, `[B, 1, E]` one-hot, without routing; the expert's
         usage grows by the batch's sequences, as in `PMoERouter.training_step`."""
         expert = self._training_expert
         gates = inputs_embeds.new_zeros(inputs_embeds.shape[0], 1, self.config.num_experts)
@@ -717,7 +719,7 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             if compute_old_model and layer_idx == first_expert_layer:
                 old_model_input = inputs_embeds if layer_idx == 0 else hidden_states  # (embedding experts: redone)
             if self._routes_before(layer_idx, gates):
-                gates, logits = self._route(self._router_at(layer_idx), hidden_states, routing_mask, sequence_ids)
+                gates, logits = self._router_gates(self._router_at(layer_idx), hidden_states, routing_mask, sequence_ids)
                 router_logits += (logits.reshape(-1, logits.shape[-1]),)
             if gates is not active_for:
                 active_for, (active_gates, active_experts) = gates, gates_of_active_experts(gates)

@@ -24,7 +24,7 @@ import os
 import re
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .configuration_pmoe import EMBEDDING_TARGET
 from .experts_pmoe import PMoEEmbedding, PMoEExperts, PMoELinear
@@ -175,22 +175,23 @@ def export_expert_to_peft(
 
 # --------------------------------------------------------------------------------------------------------- import
 def _pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup (`peft.utils.other.get_pattern_key`): the first pattern that
-    matches the end of the module name."""
-    for key in patterns or {}:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return patterns[key]
-    return default
+    """A module's value in PEFT's `rank_pattern` / `alpha_pattern`, looked up as PEFT does (`get_pattern_key`)."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = patterns or {}
+    return patterns.get(get_pattern_key(list(patterns), module_name), default)
 
 
 def _load_adapter_state_dict(adapter_path: str) -> dict[str, torch.Tensor]:
-    safetensors_file = os.path.join(adapter_path, SAFETENSORS_WEIGHTS_NAME)
-    if os.path.isfile(safetensors_file):
-        return load_file(safetensors_file)
+    """The adapter's tensors, read by PEFT (`load_peft_weights`) from `adapter_model.safetensors` only."""
+    from peft.utils import load_peft_weights
+
+    if os.path.isfile(os.path.join(adapter_path, SAFETENSORS_WEIGHTS_NAME)):
+        return load_peft_weights(adapter_path, device="cpu")
     bin_file = os.path.join(adapter_path, BIN_WEIGHTS_NAME)
     if os.path.isfile(bin_file):
         # Same rule as PMoEPreTrainedModel.from_pretrained: safetensors only, never unpickle (not even weights_only,
-        # whose restricted unpickler has had bypasses, CVE-2025-32434). peft.utils.load_peft_weights would unpickle.
+        # whose restricted unpickler has had bypasses, CVE-2025-32434), which load_peft_weights would do here.
         raise ValueError(
             f"The PEFT adapter {adapter_path!r} has its weights in {bin_file!r}, a pickle file: pmoe loads adapter "
             f"weights only from {SAFETENSORS_WEIGHTS_NAME}, because unpickling can run code. If you trust the "

@@ -37,6 +37,7 @@ import os
 import sys
 
 import torch
+import transformers
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import get_parameter_names
@@ -110,6 +111,47 @@ SYNCED_BUFFERS = {name for names in KEY_STATISTICS.values() for name in names} |
 
 
 NEW_EXPERT_INITS = ("zero", "previous", "nearest")
+
+
+def trainer_callbacks_calling(callback) -> list:
+    """The Trainer's callback list, found from inside an event of `callback` (`CallbackHandler.call_event` ->
+    `on_init_end` -> the caller of this function), so that `callback` can move itself. transformers has no supported
+    way for a callback to change its place (`Trainer.add_callback` appends, and the reporting integrations come
+    first), so this reads the handler from the call stack; it raises, naming the transformers version, if a release
+    calls callbacks differently (a silent failure would drop the router metrics from TensorBoard & co.)."""
+    frame = sys._getframe(2)  # 0: here, 1: the callback's method, 2: on_init_end, 3: CallbackHandler.call_event
+    while frame is not None:
+        handler = frame.f_locals.get("self")
+        callbacks = getattr(handler, "callbacks", None)
+        if isinstance(callbacks, list) and any(item is callback for item in callbacks):
+            return callbacks
+        frame = frame.f_back
+    raise RuntimeError(
+        f"PMoEContinualCallback could not find the Trainer's callback list (transformers {transformers.__version__} "
+        "calls callbacks differently from the releases pmoe is tested with), so the router metrics would miss the "
+        "reporting integrations. Use a tested transformers release (see pmoe's README, 'Tested versions')."
+    )
+
+
+def schedule_new_param_group(scheduler, optimizer, group: dict, template: dict):
+    """Register `group`, just added to `optimizer`, with the Trainer's `LambdaLR` `scheduler` so that it follows the
+    schedule of `template` (the first group) from the current step. torch offers no API to add a parameter group to
+    a scheduler, so this appends to `LambdaLR`'s `base_lrs` / `lr_lambdas` (the attributes its `get_lr` reads); any
+    other scheduler is refused with a `ValueError`."""
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise ValueError(
+            f"Cannot schedule the new expert's parameter group with a {type(scheduler).__name__}; use a "
+            "LambdaLR-based scheduler (every `lr_scheduler_type` of TrainingArguments but "
+            "reduce_lr_on_plateau) or one Trainer per task."
+        )
+    initial_lr = template.get("initial_lr", template["lr"])
+    group["initial_lr"] = initial_lr
+    scheduler.base_lrs.append(initial_lr)
+    scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+    group["lr"] = initial_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 class PMoEContinualCallback(TrainerCallback):
@@ -456,12 +498,7 @@ class PMoEContinualCallback(TrainerCallback):
     def _run_before_reporting_callbacks(self):
         """Move this callback right after `DefaultFlowCallback`, so the router metrics it adds to `logs` in `on_log`
         are there when TensorBoard & co. (registered before user callbacks) write them."""
-        caller = sys._getframe(2).f_locals.get("self")  # CallbackHandler.call_event -> on_init_end -> here
-        callbacks = getattr(caller, "callbacks", None)
-        if not isinstance(callbacks, list) or self not in callbacks:
-            logger.warning("PMoEContinualCallback could not reorder the Trainer's callbacks; router metrics may be "
-                           "missing from reporting integrations.")
-            return
+        callbacks = trainer_callbacks_calling(self)
         callbacks.remove(self)
         callbacks.insert(min(1, len(callbacks)), self)
 
@@ -496,20 +533,7 @@ class PMoEContinualCallback(TrainerCallback):
             if kind == "no_decay":
                 group["weight_decay"] = 0.0
             inner.add_param_group(group)
-            scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-            if scheduler is not None:
-                if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                    raise ValueError(
-                        f"Cannot schedule the new expert's parameter group with a {type(scheduler).__name__}; use a "
-                        "LambdaLR-based scheduler (every `lr_scheduler_type` of TrainingArguments but "
-                        "reduce_lr_on_plateau) or one Trainer per task."
-                    )
-                initial_lr = template.get("initial_lr", template["lr"])
-                group["initial_lr"] = initial_lr
-                scheduler.base_lrs.append(initial_lr)
-                scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
-                group["lr"] = initial_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-                scheduler._last_lr = [g["lr"] for g in inner.param_groups]
+            schedule_new_param_group(getattr(lr_scheduler, "scheduler", lr_scheduler), inner, group, template)
 
     @staticmethod
     def _gaussian_statistics(pmoe_model) -> dict[str, torch.Tensor]:

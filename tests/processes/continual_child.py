@@ -1,6 +1,6 @@
 """Short continual-training runs shared by the interruption and determinism tests, runnable in a child process.
 
-`python tests/continual_child.py OUTPUT_DIR --mode schedule|tasks [--pause-at-step N | --pause-in-save ...]`: with a
+`python tests/processes/continual_child.py OUTPUT_DIR --mode schedule|tasks [--pause-at-step N | --pause-in-save ...]`: with a
 pause point, the child writes `--marker` and sleeps there, so the parent can SIGKILL it at a known moment.
 """
 
@@ -10,7 +10,7 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
 import torch  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
@@ -19,8 +19,7 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 import pmoe  # noqa: E402
 from pmoe import PMoEContinualCallback  # noqa: E402
 
-from conftest import make_pmoe  # noqa: E402
-from test_trainer import task_dataset, training_args, without_task  # noqa: E402
+from helpers import make_pmoe, task_dataset, training_args, without_task  # noqa: E402
 
 
 SCHEDULE = [("task-0", 4), ("task-1", 4)]

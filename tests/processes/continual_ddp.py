@@ -16,8 +16,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import make_pmoe  # noqa: E402
-from test_trainer import task_dataset, without_task  # noqa: E402
+from helpers import make_pmoe, task_dataset, without_task  # noqa: E402
 
 from pmoe import PMoEContinualCallback  # noqa: E402
 
