@@ -170,28 +170,33 @@ def prefill_fn(model, input_ids):
     return prefill
 
 
-def decode_fn(model, input_ids, steps, device, sequence_routing):
-    """Returns a function that prefills, then decodes `steps` tokens one at a time and returns the median seconds per
-    token (a step that grows the KV cache into fresh pages can take twice as long on CPU; the median keeps such
-    outliers, which depend on the allocator's state, not on the model, out of the ratio)."""
-
-    @torch.no_grad()
-    def decode():
-        out = model(input_ids=input_ids, use_cache=True)
-        cache = getattr(out, CACHE_KWARG)  # transformers >= 5.24 names it `cache`
-        kwargs = {"routing_weights": out.routing_weights} if sequence_routing else {}
-        token = out.logits[:, -1:].argmax(-1)
-        seconds = []
-        for _ in range(steps):
-            synchronize(device)
-            start = time.perf_counter()
-            out = model(input_ids=token, use_cache=True, **{CACHE_KWARG: cache}, **kwargs)
-            token = out.logits[:, -1:].argmax(-1)
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
-        return statistics.median(seconds)
-
-    return decode
+@torch.no_grad()
+def interleaved_decode(models: dict, input_ids, steps: int, device, repeats: int, warmup: int) -> dict:
+    """Median seconds per decoded token of each model (`{name: (model, sequence_routing)}`): each prefills the prompt,
+    then they decode one token at a time taking turns at every step (the order flipping each step), so every step of
+    one is timed next to a step of the other under the same machine state; the median over all steps of all repeats.
+    (Timing whole decode runs one after the other let a busy moment land on one model: identical decode paths
+    measured 7% apart.)"""
+    times = {name: [] for name in models}
+    for repeat in range(warmup + repeats):
+        states = {}
+        for name, (model, sequence_routing) in models.items():
+            out = model(input_ids=input_ids, use_cache=True)
+            kwargs = {"routing_weights": out.routing_weights} if sequence_routing else {}
+            states[name] = (getattr(out, CACHE_KWARG), out.logits[:, -1:].argmax(-1), kwargs)  # >= 5.24: `cache`
+        for step in range(steps):
+            for name in (list(models) if step % 2 == 0 else list(reversed(models))):
+                model = models[name][0]
+                cache, token, kwargs = states[name]
+                synchronize(device)
+                start = time.perf_counter()
+                out = model(input_ids=token, use_cache=True, **{CACHE_KWARG: cache}, **kwargs)
+                token = out.logits[:, -1:].argmax(-1)
+                synchronize(device)
+                if repeat >= warmup:
+                    times[name].append(time.perf_counter() - start)
+                states[name] = (cache, token, kwargs)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def training_step_fn(model, input_ids, labels):
@@ -308,7 +313,7 @@ def main():
                "repeats": args.repeats, "inference": {}, "training": {}}
     print(f"shape {results['shape']} on {device} ({results['dtype']}, {results['threads']} threads)", flush=True)
     llama = make_llama(shape, device, dtype)
-    llama_prefill, llama_decode = prefill_fn(llama, input_ids), decode_fn(llama, input_ids, shape["decode"], device, False)
+    llama_prefill = prefill_fn(llama, input_ids)
     features = task_features(llama, shape, max(shape["experts"]), router_input_layer(shape))
     # (number of experts, routed, PMoE options): the default at 1 / 8 / 50 experts, the worst case, and with experts in
     # every layer the router reading the embeddings (`router_input_layer=0`: no expert-free pass at prefill).
@@ -318,10 +323,8 @@ def main():
     def time_inference(name, model, sequence_routing, **row):
         prefill = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
                                  device, args.repeats, args.warmup)
-        decode = paired_medians(
-            {"llama": llama_decode, name: decode_fn(model, input_ids, shape["decode"], device, sequence_routing)},
-            device, args.repeats, args.warmup,
-        )
+        decode = interleaved_decode({"llama": (llama, False), name: (model, sequence_routing)}, input_ids,
+                                    shape["decode"], device, args.repeats, args.warmup)
         results["inference"][name] = {
             **row, "prefill_s": prefill[name], "llama_prefill_s": prefill["llama"],
             "prefill_ratio": prefill[name] / prefill["llama"],
@@ -386,7 +389,7 @@ def markdown(results) -> str:
     lines = [
         f"Shape: hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers "
         f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on {', '.join(targets(shape))}, batch 1, "
-        f"{shape['seq']} prompt tokens, {shape['decode']} decoded (decode: the median step); {results['device']} {results['dtype']}, "
+        f"{shape['seq']} prompt tokens, {shape['decode']} decoded (decode: the median step, Llama and the model taking turns at every step); {results['device']} {results['dtype']}, "
         f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs; "
         "each ratio is against the same-weights Llama timed alongside it. `peft-lora`: PEFT LoRA on the same targets, "
         "unmerged (as a served adapter runs). PMoE with default settings (sequence routing, LDA "

@@ -475,3 +475,17 @@ def test_only_active_experts_are_computed_and_the_result_is_the_same():
     reference = linear(x, gates)  # with autograd: no cache
     torch.testing.assert_close(changed, reference.detach(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(changed, sparse)
+
+
+def test_a_module_grows_one_expert_and_the_old_name_still_works():
+    _, linear = trained_expert_linear(2, bias=False)
+    x = torch.randn(2, 3, 32)
+    gates = torch.tensor([0.25, 0.75]).expand(2, 1, 2)
+    with torch.no_grad():
+        before = linear(x, gates)
+        new = linear.grow_expert()
+        assert len(linear.experts) == 3 and torch.equal(new.lora_B, torch.zeros_like(new.lora_B))
+        # A zero-B expert adds nothing, whatever its gate.
+        torch.testing.assert_close(linear(x, torch.cat([gates, torch.ones(2, 1, 1)], dim=-1)), before)
+        linear.add_expert()  # the deprecated name of grow_expert
+    assert len(linear.experts) == 4

@@ -21,8 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformers import initialization as init
+from transformers.utils import logging
 
 from .configuration_pmoe import PMoEConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 def expert_index_of(tensor_name: str) -> int | None:
@@ -88,6 +92,11 @@ class PMoEExperts:
         expert.to(device=self.weight.device, dtype=self.weight.dtype)
         self.experts.append(expert)
         return expert
+
+    def add_expert(self) -> PMoELoRAExpert:
+        """Deprecated name of `grow_expert` (the model's `add_expert` grows a whole task's expert)."""
+        logger.warning_once(f"{type(self).__name__}.add_expert() is deprecated: call grow_expert().")
+        return self.grow_expert()
 
     def expert_update(
         self, project_a: Callable, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None

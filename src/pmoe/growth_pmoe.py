@@ -166,17 +166,7 @@ class PMoEGrowthMixin:
         config = self.config
         if init_from is not None:
             self.check_expert_start("init_from", init_from)
-        if not isinstance(task_name, str) or not task_name.strip():
-            raise ValueError(f"add_expert needs a non-empty task name, got {task_name!r}.")
-        if task_name in config.expert_tasks:
-            raise ValueError(
-                f"Task {task_name!r} already has expert {config.expert_tasks.index(task_name)}; "
-                f"existing tasks: {config.expert_tasks}. Use a new task name."
-            )
-        if config.max_experts is not None and config.num_experts >= config.max_experts:
-            raise ValueError(
-                f"Cannot add expert for {task_name!r}: the model already has max_experts={config.max_experts} experts."
-            )
+        check_new_task(config, task_name, "add_expert")
         index = config.num_experts
         for module in self.expert_modules():
             module.grow_expert()
@@ -219,48 +209,12 @@ class PMoEGrowthMixin:
         config = self.config
         if method not in ("svd", "average"):
             raise ValueError(f"merge_experts: method must be 'svd' or 'average', got {method!r}.")
-        usage = self.expert_usage()
-        # The expert being trained is never picked automatically: it is still learning its task.
-        candidates = [e for e in range(config.num_experts) if e != self.training_expert]
-        if sources is None:
-            if len(candidates) < 3:
-                raise ValueError(
-                    f"merge_experts needs at least 3 experts besides the one being trained to pick two sources and a "
-                    f"different target; the model has {config.num_experts} (training expert: {self.training_expert})."
-                )
-            ranked = sorted(candidates, key=lambda e: (-usage[e].item(), e))
-            sources = (ranked[0], ranked[1])
-        first, second = sources
-        if first == second or not all(0 <= e < config.num_experts for e in (first, second)):
-            raise ValueError(f"merge_experts: sources must be two different experts in [0, {config.num_experts}), "
-                             f"got {sources}.")
-        if target is None:
-            targets = [e for e in candidates if e not in (first, second)]
-            if not targets:
-                raise ValueError("merge_experts: no expert left to overwrite (not a source, not being trained).")
-            target = min(targets, key=lambda e: (usage[e].item(), -e))
-        if not 0 <= target < config.num_experts:
-            raise ValueError(f"merge_experts: target must be in [0, {config.num_experts}), got {target}.")
-
+        first, second, target = merge_choice(config.num_experts, self.training_expert, self.expert_usage(), sources,
+                                             target)
         for module in self.expert_modules():
-            a, b = module.experts[first], module.experts[second]
-            if method == "average":
-                lora_a, lora_b = (a.lora_A + b.lora_A) / 2, (a.lora_B + b.lora_B) / 2
-            else:
-                lora_a, lora_b = best_low_rank_factors_of_sum(
-                    [(a.lora_B.float(), a.lora_A.float()), (b.lora_B.float(), b.lora_A.float())], module.rank
-                )
-            module.experts[target].lora_A.copy_(lora_a)
-            module.experts[target].lora_B.copy_(lora_b)
+            merge_lora_experts(module, first, second, target, method)
         for router in self.expert_routers():
-            merged, a, b = router.experts[target], router.experts[first], router.experts[second]
-            if merged.kind != "learned":
-                for name in merged.statistics:
-                    getattr(merged, name).copy_(getattr(a, name) + getattr(b, name))
-            else:
-                merged.key.copy_((a.key + b.key) / 2)
-                merged.bias.copy_((a.bias + b.bias) / 2)
-            router.usage[target] = router.usage[first] + router.usage[second]
+            merge_router_keys(router, first, second, target)
         tasks, steps = list(config.expert_tasks), list(config.expert_train_steps)
         tasks[target] = f"{tasks[first]}+{tasks[second]}"
         steps[target] = steps[first] + steps[second]
@@ -333,3 +287,73 @@ def best_low_rank_factors_of_sum(pairs: list[tuple[torch.Tensor, torch.Tensor]],
     q_a, r_a = torch.linalg.qr(torch.cat([lora_a for _, lora_a in pairs], dim=0).T)  # [in, k], [k, k]
     core_a, core_b = best_low_rank_factors(r_b @ r_a.T, rank)
     return core_a @ q_a.T, q_b @ core_b
+
+
+@torch.no_grad()
+def merge_lora_experts(module: PMoEExperts, first: int, second: int, target: int, method: str):
+    """Write the merge of experts `first` and `second` of one expert module over expert `target`: the average of the
+    LoRA factors, or (`"svd"`) the best rank-r factors of the sum of their updates."""
+    a, b = module.experts[first], module.experts[second]
+    if method == "average":
+        lora_a, lora_b = (a.lora_A + b.lora_A) / 2, (a.lora_B + b.lora_B) / 2
+    else:
+        lora_a, lora_b = best_low_rank_factors_of_sum(
+            [(a.lora_B.float(), a.lora_A.float()), (b.lora_B.float(), b.lora_A.float())], module.rank
+        )
+    module.experts[target].lora_A.copy_(lora_a)
+    module.experts[target].lora_B.copy_(lora_b)
+
+
+@torch.no_grad()
+def merge_router_keys(router: PMoERouter, first: int, second: int, target: int):
+    """Key `target` covers both `first` and `second`: fitted statistics are added (the merged Gaussian / LDA class is
+    fitted on both tasks' features), learned keys averaged; the usage counts are added."""
+    merged, a, b = router.experts[target], router.experts[first], router.experts[second]
+    if merged.kind != "learned":
+        for name in merged.statistics:
+            getattr(merged, name).copy_(getattr(a, name) + getattr(b, name))
+    else:
+        merged.key.copy_((a.key + b.key) / 2)
+        merged.bias.copy_((a.bias + b.bias) / 2)
+    router.usage[target] = router.usage[first] + router.usage[second]
+
+
+def check_new_task(config, task_name, what: str):
+    """Refuse, with a `ValueError` that says why, to grow an expert for `task_name` (`what`: who asks): it must be a
+    new, non-empty name, and the model must be under `max_experts`."""
+    if not isinstance(task_name, str) or not task_name.strip():
+        raise ValueError(f"{what} needs a non-empty task name, got {task_name!r}.")
+    if task_name in config.expert_tasks:
+        raise ValueError(
+            f"Task {task_name!r} already has expert {config.expert_tasks.index(task_name)}; "
+            f"existing tasks: {config.expert_tasks}. Use a new task name."
+        )
+    if config.max_experts is not None and config.num_experts >= config.max_experts:
+        raise ValueError(
+            f"Cannot add expert for {task_name!r}: the model already has max_experts={config.max_experts} experts."
+        )
+
+
+def merge_choice(num_experts: int, training_expert: int | None, usage: torch.Tensor, sources, target):
+    """`merge_experts`' `(first, second, target)`: by default the two most used experts and the least used other
+    one, never the expert being trained (it is still learning its task); given ones are checked."""
+    candidates = [e for e in range(num_experts) if e != training_expert]
+    if sources is None:
+        if len(candidates) < 3:
+            raise ValueError(
+                f"merge_experts needs at least 3 experts besides the one being trained to pick two sources and a "
+                f"different target; the model has {num_experts} (training expert: {training_expert})."
+            )
+        ranked = sorted(candidates, key=lambda e: (-usage[e].item(), e))
+        sources = (ranked[0], ranked[1])
+    first, second = sources
+    if first == second or not all(0 <= e < num_experts for e in (first, second)):
+        raise ValueError(f"merge_experts: sources must be two different experts in [0, {num_experts}), got {sources}.")
+    if target is None:
+        targets = [e for e in candidates if e not in (first, second)]
+        if not targets:
+            raise ValueError("merge_experts: no expert left to overwrite (not a source, not being trained).")
+        target = min(targets, key=lambda e: (usage[e].item(), -e))
+    if not 0 <= target < num_experts:
+        raise ValueError(f"merge_experts: target must be in [0, {num_experts}), got {target}.")
+    return first, second, target

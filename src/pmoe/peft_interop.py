@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from .configuration_pmoe import EMBEDDING_TARGET
 from .experts_pmoe import PMoEEmbedding, PMoEExperts, PMoELinear
+from .growth_pmoe import check_new_task
 from .modeling_pmoe import PMoEPreTrainedModel
 
 
@@ -371,12 +372,7 @@ def import_peft_adapter(
     if not os.path.isfile(os.path.join(adapter_path, ADAPTER_CONFIG_NAME)):
         raise FileNotFoundError(f"{adapter_path!r} is not a PEFT adapter folder (no {ADAPTER_CONFIG_NAME}).")
     config = model.config
-    if not isinstance(task, str) or not task.strip():
-        raise ValueError(f"import_peft_adapter needs a non-empty task name, got {task!r}.")
-    if task in config.expert_tasks:
-        raise ValueError(f"Task {task!r} already has expert {config.expert_tasks.index(task)}; use a new task name.")
-    if config.max_experts is not None and config.num_experts >= config.max_experts:
-        raise ValueError(f"Cannot import an adapter: the model already has max_experts={config.max_experts} experts.")
+    check_new_task(config, task, "import_peft_adapter")
 
     peft_config = peft.PeftConfig.from_pretrained(adapter_path)
     problems: list[str] = []
