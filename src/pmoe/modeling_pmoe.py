@@ -1,14 +1,17 @@
 # Copyright 2026 The pmoe authors. Licensed under the Apache License, Version 2.0.
-"""PyTorch PMoE: a Llama-family decoder with progressive LoRA experts in its deep layers.
+"""PyTorch PMoE: a Llama-family decoder whose projections carry progressive LoRA experts, one per task.
 
-Layout (see PMoEConfig): layers [0, S) are the shallow block, base weights only. Layers [S, L) are the deep block:
-every targeted projection is a `PMoELinear` that carries one LoRA expert per task. A router at the boundary reads the
-hidden state leaving the shallow block and gives per-token gates that every deep layer uses (or one router per deep
-layer). Weight names follow transformers' Llama layout, so Llama / Mistral / Qwen2 / Qwen3 checkpoints convert by
-copying, and expert weights sit at `...q_proj.experts.{e}.lora_A` / `.lora_B`, one tensor per expert.
+Layout (see PMoEConfig): layers [0, S) are the shallow block, layers [S, L) the deep block. Each targeted projection
+of an expert layer (every layer by default, the deep ones with `expert_layers="deep"`) is a `PMoELinear` that carries
+one LoRA expert per task. A router at the boundary reads the hidden state leaving the shallow block (by default from an
+expert-free pass, once per sequence) and gives the gates every expert layer uses. Weight names follow transformers'
+Llama layout, so Llama / Mistral / Qwen2 / Qwen3 checkpoints convert by copying, and expert weights sit at
+`...q_proj.experts.{e}.lora_A` / `.lora_B`, one tensor per expert.
 
-This file is shipped inside every checkpoint as remote code: it imports only torch, transformers and
-`configuration_pmoe`.
+This file holds the layers, `PMoEPreTrainedModel`, `PMoEModel` (where its gate comes from: `PMoEGateMixin`) and the
+heads; the experts, router keys, router and routing functions are in `experts_pmoe.py`, the growth API in
+`growth_pmoe.py`, the load-time checks in `loading_pmoe.py`. All of them ship inside every checkpoint as remote code
+and import only torch, transformers and each other.
 """
 
 import contextlib
