@@ -56,7 +56,7 @@ def accuracy_matrix_figure(tasks: list[str], panels: list[tuple[str, list[list[f
     sent to expert e (drawn as a last panel)."""
     plt = _pyplot()
     count = len(panels) + (routing is not None)
-    figure, axes = plt.subplots(1, count, figsize=(1.2 + 4.4 * count, 4.4), squeeze=False)
+    figure, axes = plt.subplots(1, count, figsize=(1.2 + 4.4 * count, 4.4), squeeze=False, layout="constrained")
     axes = list(axes[0])
     for axis, (title, matrix, metrics) in zip(axes, panels):
         image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
