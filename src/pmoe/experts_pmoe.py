@@ -303,7 +303,8 @@ class PMoERouter(nn.Module):
     (sequence routing, `[B, 1, H]`). Learned keys score `features @ key + bias`; Gaussian keys score the diagonal
     Gaussian log-likelihood of the features. Scores are divided by the temperature, then sigmoid or softmax, with
     optional top-k. Each expert has its own `PMoERouterKey` (`routers.{i}.experts.{e}`), so earlier experts' router
-    entries freeze on their own.
+    entries freeze on their own. (`experts` holds the router keys, not the experts: the name is part of every
+    checkpoint's tensor names, and `expert_index_of` reads the expert index from it.)
 
     While training, the router also keeps a small window of statistics for the logs (see `pop_log_stats`).
     """
