@@ -226,3 +226,15 @@ def greedy_by_recomputation(model, input_ids, attention_mask, steps):
             ids = torch.cat([ids, next_token], dim=-1)
             mask = torch.cat([mask, torch.ones_like(next_token)], dim=-1)
     return ids
+
+
+def grown_pmoe(num_experts=2, **overrides):
+    """A tiny PMoE with `num_experts` experts whose keys are fitted on their toy tasks: all but the last look trained,
+    the last one is being trained."""
+    model = make_pmoe(**overrides)
+    for task in range(num_experts):
+        model.add_expert(f"task-{task}")
+        fit_task(model, task, task)
+    randomize_experts(model, indices=range(num_experts - 1))
+    model.training_expert = num_experts - 1
+    return model
