@@ -5,7 +5,7 @@ Peers: `LlamaForCausalLM` with the same weights (the floor: PMoE without experts
 layer with the same rank and targets, and full fine-tuning.
 
 - prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache;
-  the median step):
+  the median step, Llama and the model taking turns at every step):
   PMoE with 1, 8 and 50 experts with default settings, the prompt routed as real prompts are (keys fitted on
   distinct synthetic tasks: the router picks one expert), and the worst case (identical keys: every expert gets an
   equal gate and is computed), against Llama;

@@ -181,8 +181,8 @@ class PMoEGrowthMixin:
             self.copy_expert_weights(init_from, index)
 
         earlier = {} if freeze_previous else {
-            param: param.requires_grad for name, param in self.named_parameters() if expert_index_of(name) != index
-            and expert_index_of(name) is not None
+            param: param.requires_grad for name, param in self.named_parameters()
+            if (expert := expert_index_of(name)) is not None and expert != index
         }
         self.set_trainable({index})
         for param, requires_grad in earlier.items():  # freeze_previous=False: earlier experts stay as they were
