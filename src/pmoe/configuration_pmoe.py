@@ -46,14 +46,6 @@ SUPPORTED_DENSE_ARCHITECTURES = {
 SUPPORTED_DENSE_MODEL_TYPES = tuple(SUPPORTED_DENSE_ARCHITECTURES)
 
 
-def _fail(field, allowed, value):
-    raise ValueError(f"PMoEConfig.{field} must be {allowed}, got {value!r}.")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class PMoEConfig(PreTrainedConfig):
     r"""
     Configuration of a PMoE model: a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 weights load by copying)
@@ -305,172 +297,7 @@ class PMoEConfig(PreTrainedConfig):
 
     def validate_pmoe(self):
         """Raise a `ValueError` naming the field and its allowed range for every invalid PMoE setting."""
-        self._validate_base_model()
-        self._validate_layout()
-        self._validate_router()
-        self._validate_routing_combinations()
-        self._validate_growth()
-
-    def _validate_base_model(self):
-        """The dense model's shape: sizes, heads, layer types, the checkpoint format."""
-        if self.pmoe_format_version is None or not _is_int(self.pmoe_format_version) or self.pmoe_format_version < 1:
-            _fail("pmoe_format_version", f"an integer in [1, {PMOE_FORMAT_VERSION}]", self.pmoe_format_version)
-        if self.pmoe_format_version > PMOE_FORMAT_VERSION:
-            raise ValueError(
-                f"PMoEConfig.pmoe_format_version is {self.pmoe_format_version}, but this pmoe reads checkpoint "
-                f"format versions up to {PMOE_FORMAT_VERSION}: the checkpoint was made by a newer pmoe. "
-                "Upgrade pmoe (`pip install -U pmoe`) or load it with the remote code saved next to it."
-            )
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                _fail(field, "a positive integer", value)
-        if not _is_int(self.num_key_value_heads) or not 1 <= self.num_key_value_heads <= self.num_attention_heads:
-            _fail("num_key_value_heads", f"an integer in [1, num_attention_heads={self.num_attention_heads}]",
-                  self.num_key_value_heads)
-        if self.num_attention_heads % self.num_key_value_heads != 0:
-            _fail("num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}",
-                  self.num_key_value_heads)
-        if not _is_int(self.head_dim) or self.head_dim < 1 or self.head_dim % 2:
-            _fail("head_dim", "a positive even integer", self.head_dim)
-        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers or any(
-            kind not in ATTENTION_LAYER_TYPES for kind in self.layer_types
-        ):
-            _fail("layer_types", f"a list of {self.num_hidden_layers} values from {list(ATTENTION_LAYER_TYPES)}",
-                  self.layer_types)
-        if "sliding_attention" in self.layer_types and (not _is_int(self.sliding_window) or self.sliding_window < 1):
-            _fail("sliding_window", "a positive integer when layer_types contains 'sliding_attention'",
-                  self.sliding_window)
-
-    def _validate_layout(self):
-        """The asymmetric layout and the experts: shallow block, router input, rank, alpha, targets."""
-        last = self.num_hidden_layers - 1
-        if not _is_int(self.num_shallow_layers) or not 0 <= self.num_shallow_layers <= last:
-            _fail("num_shallow_layers", f"an integer in [0, num_hidden_layers - 1] = [0, {last}]",
-                  self.num_shallow_layers)
-        if not _is_int(self.router_input_layer) or not 0 <= self.router_input_layer <= self.num_shallow_layers:
-            _fail("router_input_layer", f"an integer in [0, num_shallow_layers] = [0, {self.num_shallow_layers}]",
-                  self.router_input_layer)
-        if self.router_per_layer and self.router_input_layer != self.num_shallow_layers:
-            _fail("router_input_layer", "num_shallow_layers when router_per_layer=True", self.router_input_layer)
-        if not _is_int(self.expert_rank) or self.expert_rank < 1:
-            _fail("expert_rank", "an integer >= 1", self.expert_rank)
-        if isinstance(self.expert_alpha, bool) or not isinstance(self.expert_alpha, (int, float)) or not (
-            self.expert_alpha > 0
-        ):
-            _fail("expert_alpha", "a number > 0 (or None for 2 * expert_rank)", self.expert_alpha)
-        if isinstance(self.expert_dropout, bool) or not isinstance(self.expert_dropout, (int, float)) or not (
-            0.0 <= self.expert_dropout < 1.0
-        ):
-            _fail("expert_dropout", "a number in [0, 1)", self.expert_dropout)
-        choices = [*EXPERT_TARGET_MODULES, EMBEDDING_TARGET]
-        unknown = [name for name in self.expert_target_modules if name not in choices]
-        if unknown or not self.expert_target_modules or len(set(self.expert_target_modules)) != len(
-            self.expert_target_modules
-        ):
-            _fail("expert_target_modules", f"a non-empty list of distinct names from {choices}",
-                  self.expert_target_modules)
-
-    def _validate_router(self):
-        """The router's own settings: activation, routing mode, keys and their fitting."""
-        if self.router_activation not in ROUTER_ACTIVATIONS:
-            _fail("router_activation", f"one of {list(ROUTER_ACTIVATIONS)} (or None for the keys' default)",
-                  self.router_activation)
-        if self.routing not in ROUTING_MODES:
-            _fail("routing", f"one of {list(ROUTING_MODES)}", self.routing)
-        if self.router_keys not in ROUTER_KEY_TYPES:
-            _fail("router_keys", f"one of {list(ROUTER_KEY_TYPES)}", self.router_keys)
-        if isinstance(self.router_projection_size, bool) or not (
-            _is_int(self.router_projection_size) and self.router_projection_size >= 1
-        ):
-            _fail("router_projection_size", "an integer >= 1", self.router_projection_size)
-        if isinstance(self.router_shrinkage, bool) or not (
-            isinstance(self.router_shrinkage, (int, float)) and 0.0 <= self.router_shrinkage <= 1.0
-        ):
-            _fail("router_shrinkage", "a number in [0, 1]", self.router_shrinkage)
-        if self.router_fit_sequences is not None and not (
-            _is_int(self.router_fit_sequences) and self.router_fit_sequences >= 1
-        ):
-            _fail("router_fit_sequences", "None or an integer >= 1", self.router_fit_sequences)
-        if self.expert_layers not in EXPERT_LAYER_CHOICES:
-            _fail("expert_layers", f"one of {list(EXPERT_LAYER_CHOICES)}", self.expert_layers)
-        if self.router_per_layer and self.routing == "sequence":
-            _fail("router_per_layer", "False with routing='sequence' (a sequence gate comes from one boundary router)",
-                  self.router_per_layer)
-
-    def _validate_routing_combinations(self):
-        """Settings that only make sense together (expert choice, embedding experts, ...)."""
-        if self.expert_capacity is not None:
-            if self.routing != "expert_choice":
-                _fail("expert_capacity", "None unless routing='expert_choice'", self.expert_capacity)
-            capacity = self.expert_capacity
-            if isinstance(capacity, bool) or not (
-                (_is_int(capacity) and capacity >= 1) or (isinstance(capacity, float) and 0 < capacity <= 1)
-            ):
-                _fail("expert_capacity", "an integer >= 1 (tokens per expert) or a float in (0, 1] (a fraction of "
-                      "the sequence)", capacity)
-        if self.routing == "expert_choice" and self.router_top_k:
-            _fail("router_top_k", "None with routing='expert_choice' (experts pick tokens; set expert_capacity)",
-                  self.router_top_k)
-        if self.routing == "expert_choice" and self.distillation_alpha:
-            _fail("distillation_alpha", "0 with routing='expert_choice' (distillation is for causal LM training)",
-                  self.distillation_alpha)
-        if EMBEDDING_TARGET in self.expert_target_modules and self.expert_layers != "all":
-            _fail("expert_target_modules", f"a list without {EMBEDDING_TARGET!r} unless expert_layers='all' (embedding "
-                  "experts need the gate before the first layer, which only the expert-free shallow pass gives)",
-                  self.expert_target_modules)
-        if self.expert_layers == "all" and self.routing != "sequence":
-            _fail("expert_layers", "'deep' unless routing='sequence' (shallow experts are gated by the sequence gate "
-                  "of an expert-free shallow pass)", self.expert_layers)
-        if isinstance(self.router_variance_floor, bool) or not isinstance(
-            self.router_variance_floor, (int, float)
-        ) or not self.router_variance_floor > 0:
-            _fail("router_variance_floor", "a number > 0", self.router_variance_floor)
-        if isinstance(self.router_temperature, bool) or not isinstance(self.router_temperature, (int, float)) or not (
-            self.router_temperature > 0
-        ):
-            _fail("router_temperature", "a number > 0", self.router_temperature)
-        if isinstance(self.router_min_gate, bool) or not isinstance(self.router_min_gate, (int, float)) or not (
-            0 <= self.router_min_gate < 1
-        ):
-            _fail("router_min_gate", "a number in [0, 1) (0 keeps every expert)", self.router_min_gate)
-        if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) or (
-            not self.router_aux_loss_coef >= 0
-        ):
-            _fail("router_aux_loss_coef", "a number >= 0", self.router_aux_loss_coef)
-
-    def _validate_growth(self):
-        """Distillation and the experts grown so far: counts, caps, task names, training steps."""
-        if isinstance(self.distillation_alpha, bool) or not isinstance(self.distillation_alpha, (int, float)) or not (
-            0 <= self.distillation_alpha < float("inf")
-        ):
-            _fail("distillation_alpha", "a finite number >= 0 (0 turns distillation off)", self.distillation_alpha)
-        if self.distillation_alpha > 0 and self.router_per_layer:
-            _fail("distillation_alpha", "0 with router_per_layer=True (the old-model pass needs one shared router)",
-                  self.distillation_alpha)
-        if not _is_int(self.num_experts) or self.num_experts < 0:
-            _fail("num_experts", "an integer >= 0", self.num_experts)
-        if self.max_experts is not None and (
-            not _is_int(self.max_experts) or self.max_experts < max(1, self.num_experts)
-        ):
-            _fail("max_experts", f"None or an integer >= max(1, num_experts={self.num_experts})", self.max_experts)
-        if self.router_top_k is not None:
-            upper = self.max_experts if self.max_experts is not None else "max_experts"
-            if not _is_int(self.router_top_k) or self.router_top_k < 0 or (
-                self.max_experts is not None and self.router_top_k > self.max_experts
-            ):
-                _fail("router_top_k", f"None, 0 (dense) or an integer in [1, {upper}]", self.router_top_k)
-        if len(self.expert_tasks) != self.num_experts or not all(
-            isinstance(task, str) and task for task in self.expert_tasks
-        ):
-            _fail("expert_tasks", f"a list of num_experts={self.num_experts} non-empty task names", self.expert_tasks)
-        if len(set(self.expert_tasks)) != len(self.expert_tasks):
-            _fail("expert_tasks", "a list of distinct task names", self.expert_tasks)
-        if len(self.expert_train_steps) != self.num_experts or not all(
-            _is_int(steps) and steps >= 0 for steps in self.expert_train_steps
-        ):
-            _fail("expert_train_steps", f"a list of num_experts={self.num_experts} integers >= 0",
-                  self.expert_train_steps)
+        validate_pmoe_config(self)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -532,74 +359,224 @@ class PMoEConfig(PreTrainedConfig):
     def from_dense_config(cls, dense_config, **pmoe_options) -> "PMoEConfig":
         """Build a `PMoEConfig` with no experts from the config of a Llama, Mistral, Qwen2 or Qwen3 causal LM.
 
-        `pmoe_options` are PMoE fields (`num_shallow_layers`, `expert_rank`, `router_top_k`, ...).
+        `pmoe_options` are PMoE fields (`num_shallow_layers`, `expert_rank`, `router_top_k`, ...; `PMOE_OPTIONS`).
         """
-        model_type = getattr(dense_config, "model_type", None)
-        if model_type not in SUPPORTED_DENSE_MODEL_TYPES:
-            supported = ", ".join(f"{name} ({kind})" for kind, name in SUPPORTED_DENSE_ARCHITECTURES.items())
-            raise ValueError(
-                f"Cannot convert a dense model of type {model_type!r} to PMoE. Supported architectures: {supported}."
-            )
         forbidden = {"num_experts", "expert_tasks", "expert_train_steps"} & set(pmoe_options)
         if forbidden:
             raise ValueError(
                 f"from_dense builds a model with no experts; grow them with add_expert(task_name) instead of passing "
                 f"{sorted(forbidden)}."
             )
-        pmoe_fields = {
-            "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
-            "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
-            "router_projection_size", "router_shrinkage", "router_fit_sequences", "expert_layers", "router_top_k",
-            "expert_capacity", "router_temperature", "router_min_gate", "router_per_layer", "router_input_layer",
-            "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights", "distillation_alpha",
-        }
-        unknown = sorted(set(pmoe_options) - pmoe_fields)
+        unknown = sorted(set(pmoe_options) - PMOE_OPTIONS)
         if unknown:
-            raise ValueError(f"Unknown PMoE option(s) {unknown}; allowed: {sorted(pmoe_fields)}.")
+            raise ValueError(f"Unknown PMoE option(s) {unknown}; allowed: {sorted(PMOE_OPTIONS)}.")
+        return cls(**dense_config_fields(dense_config), **pmoe_options)
 
-        c = dense_config
-        num_heads = c.num_attention_heads
-        fields = {
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": getattr(c, "num_key_value_heads", None) or num_heads,
-            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // num_heads,
-            "hidden_act": c.hidden_act,
-            "max_position_embeddings": c.max_position_embeddings,
-            "initializer_range": c.initializer_range,
-            "rms_norm_eps": c.rms_norm_eps,
-            "use_cache": getattr(c, "use_cache", True),
-            "pad_token_id": c.pad_token_id,
-            "bos_token_id": c.bos_token_id,
-            "eos_token_id": c.eos_token_id,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "rope_parameters": copy.deepcopy(c.rope_parameters),
-            "attention_dropout": getattr(c, "attention_dropout", 0.0),
-        }
-        if model_type == "llama":
-            fields.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
-        elif model_type == "mistral":
-            # Mistral applies its sliding window (when set) in every layer.
-            sliding = c.sliding_window
-            kind = "sliding_attention" if sliding is not None else "full_attention"
-            fields.update(sliding_window=sliding, layer_types=[kind] * c.num_hidden_layers)
-        elif model_type == "qwen2":
-            fields.update(
-                attention_bias=True, attention_out_bias=False,
-                sliding_window=c.sliding_window, layer_types=list(c.layer_types),
-            )
-        elif model_type == "qwen3":
-            fields.update(
-                attention_bias=c.attention_bias, qk_norm=True,
-                sliding_window=c.sliding_window, layer_types=list(c.layer_types),
-            )
-        if "sliding_attention" not in (fields.get("layer_types") or []):
-            fields["sliding_window"] = None
-        fields.update(pmoe_options)
-        return cls(**fields)
+
+# ----------------------------------------------------------------------------------------------------- validation
+def _fail(field, allowed, value):
+    raise ValueError(f"PMoEConfig.{field} must be {allowed}, got {value!r}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _one_of(choices, note=""):
+    return lambda value: value in choices, f"one of {list(choices)}{note}"
+
+
+# The fields checked on their own, in order: `field: (test, what the field must be)`. The relations between fields
+# come after, in `validate_pmoe_config`.
+_FIELD_RULES = {
+    **{field: (lambda value: _is_int(value) and value >= 1, "a positive integer") for field in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
+    "expert_rank": (lambda value: _is_int(value) and value >= 1, "an integer >= 1"),
+    "expert_alpha": (lambda value: _is_number(value) and value > 0, "a number > 0 (or None for 2 * expert_rank)"),
+    "expert_dropout": (lambda value: _is_number(value) and 0.0 <= value < 1.0, "a number in [0, 1)"),
+    "router_activation": _one_of(ROUTER_ACTIVATIONS, " (or None for the keys' default)"),
+    "routing": _one_of(ROUTING_MODES),
+    "router_keys": _one_of(ROUTER_KEY_TYPES),
+    "router_projection_size": (lambda value: _is_int(value) and value >= 1, "an integer >= 1"),
+    "router_shrinkage": (lambda value: _is_number(value) and 0.0 <= value <= 1.0, "a number in [0, 1]"),
+    "router_fit_sequences": (lambda value: value is None or (_is_int(value) and value >= 1),
+                             "None or an integer >= 1"),
+    "expert_layers": _one_of(EXPERT_LAYER_CHOICES),
+    "router_variance_floor": (lambda value: _is_number(value) and value > 0, "a number > 0"),
+    "router_temperature": (lambda value: _is_number(value) and value > 0, "a number > 0"),
+    "router_min_gate": (lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1) (0 keeps every expert)"),
+    "router_aux_loss_coef": (lambda value: _is_number(value) and value >= 0, "a number >= 0"),
+    "distillation_alpha": (lambda value: _is_number(value) and 0 <= value < float("inf"),
+                           "a finite number >= 0 (0 turns distillation off)"),
+    "num_experts": (lambda value: _is_int(value) and value >= 0, "an integer >= 0"),
+}
+
+
+def validate_pmoe_config(config: "PMoEConfig"):
+    """Raise a `ValueError` naming the field and its allowed values for the first invalid PMoE setting: the
+    checkpoint format, every field of `_FIELD_RULES`, then the dense shape, the layout, the routing combinations and
+    the experts grown so far."""
+    version = config.pmoe_format_version
+    if not _is_int(version) or version < 1:
+        _fail("pmoe_format_version", f"an integer in [1, {PMOE_FORMAT_VERSION}]", version)
+    if version > PMOE_FORMAT_VERSION:
+        raise ValueError(
+            f"PMoEConfig.pmoe_format_version is {version}, but this pmoe reads checkpoint format versions up to "
+            f"{PMOE_FORMAT_VERSION}: the checkpoint was made by a newer pmoe. Upgrade pmoe (`pip install -U pmoe`) "
+            "or load it with the remote code saved next to it."
+        )
+    for field, (test, allowed) in _FIELD_RULES.items():
+        if not test(getattr(config, field)):
+            _fail(field, allowed, getattr(config, field))
+    _check_dense_shape(config)
+    _check_layout(config)
+    _check_routing_combinations(config)
+    _check_growth(config)
+
+
+def _check_dense_shape(config):
+    """Heads, head size and layer types of the dense model."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if not _is_int(kv_heads) or not 1 <= kv_heads <= heads:
+        _fail("num_key_value_heads", f"an integer in [1, num_attention_heads={heads}]", kv_heads)
+    if heads % kv_heads != 0:
+        _fail("num_key_value_heads", f"a divisor of num_attention_heads={heads}", kv_heads)
+    if not _is_int(config.head_dim) or config.head_dim < 1 or config.head_dim % 2:
+        _fail("head_dim", "a positive even integer", config.head_dim)
+    layer_types = config.layer_types
+    if not isinstance(layer_types, list) or len(layer_types) != config.num_hidden_layers or any(
+        kind not in ATTENTION_LAYER_TYPES for kind in layer_types
+    ):
+        _fail("layer_types", f"a list of {config.num_hidden_layers} values from {list(ATTENTION_LAYER_TYPES)}",
+              layer_types)
+    if "sliding_attention" in layer_types and (not _is_int(config.sliding_window) or config.sliding_window < 1):
+        _fail("sliding_window", "a positive integer when layer_types contains 'sliding_attention'",
+              config.sliding_window)
+
+
+def _check_layout(config):
+    """The asymmetric layout: shallow block, router input, expert targets."""
+    last, shallow = config.num_hidden_layers - 1, config.num_shallow_layers
+    if not _is_int(shallow) or not 0 <= shallow <= last:
+        _fail("num_shallow_layers", f"an integer in [0, num_hidden_layers - 1] = [0, {last}]", shallow)
+    if not _is_int(config.router_input_layer) or not 0 <= config.router_input_layer <= shallow:
+        _fail("router_input_layer", f"an integer in [0, num_shallow_layers] = [0, {shallow}]",
+              config.router_input_layer)
+    if config.router_per_layer and config.router_input_layer != shallow:
+        _fail("router_input_layer", "num_shallow_layers when router_per_layer=True", config.router_input_layer)
+    targets, choices = config.expert_target_modules, [*EXPERT_TARGET_MODULES, EMBEDDING_TARGET]
+    if not targets or any(name not in choices for name in targets) or len(set(targets)) != len(targets):
+        _fail("expert_target_modules", f"a non-empty list of distinct names from {choices}", targets)
+
+
+def _check_routing_combinations(config):
+    """Settings that only make sense together (per-layer routers, expert choice, embedding experts, ...)."""
+    if config.router_per_layer and config.routing == "sequence":
+        _fail("router_per_layer", "False with routing='sequence' (a sequence gate comes from one boundary router)",
+              config.router_per_layer)
+    capacity = config.expert_capacity
+    if capacity is not None:
+        if config.routing != "expert_choice":
+            _fail("expert_capacity", "None unless routing='expert_choice'", capacity)
+        if not ((_is_int(capacity) and capacity >= 1) or (isinstance(capacity, float) and 0 < capacity <= 1)):
+            _fail("expert_capacity", "an integer >= 1 (tokens per expert) or a float in (0, 1] (a fraction of the "
+                  "sequence)", capacity)
+    if config.routing == "expert_choice" and config.router_top_k:
+        _fail("router_top_k", "None with routing='expert_choice' (experts pick tokens; set expert_capacity)",
+              config.router_top_k)
+    if config.routing == "expert_choice" and config.distillation_alpha:
+        _fail("distillation_alpha", "0 with routing='expert_choice' (distillation is for causal LM training)",
+              config.distillation_alpha)
+    if EMBEDDING_TARGET in config.expert_target_modules and config.expert_layers != "all":
+        _fail("expert_target_modules", f"a list without {EMBEDDING_TARGET!r} unless expert_layers='all' (embedding "
+              "experts need the gate before the first layer, which only the expert-free shallow pass gives)",
+              config.expert_target_modules)
+    if config.expert_layers == "all" and config.routing != "sequence":
+        _fail("expert_layers", "'deep' unless routing='sequence' (shallow experts are gated by the sequence gate of "
+              "an expert-free shallow pass)", config.expert_layers)
+    if config.distillation_alpha > 0 and config.router_per_layer:
+        _fail("distillation_alpha", "0 with router_per_layer=True (the old-model pass needs one shared router)",
+              config.distillation_alpha)
+
+
+def _check_growth(config):
+    """The experts grown so far: caps, top-k, task names, training steps."""
+    num_experts, cap, top_k = config.num_experts, config.max_experts, config.router_top_k
+    if cap is not None and (not _is_int(cap) or cap < max(1, num_experts)):
+        _fail("max_experts", f"None or an integer >= max(1, num_experts={num_experts})", cap)
+    if top_k is not None and (not _is_int(top_k) or top_k < 0 or (cap is not None and top_k > cap)):
+        _fail("router_top_k", f"None, 0 (dense) or an integer in [1, {cap if cap is not None else 'max_experts'}]",
+              top_k)
+    tasks = config.expert_tasks
+    if len(tasks) != num_experts or not all(isinstance(task, str) and task for task in tasks):
+        _fail("expert_tasks", f"a list of num_experts={num_experts} non-empty task names", tasks)
+    if len(set(tasks)) != len(tasks):
+        _fail("expert_tasks", "a list of distinct task names", tasks)
+    steps = config.expert_train_steps
+    if len(steps) != num_experts or not all(_is_int(step) and step >= 0 for step in steps):
+        _fail("expert_train_steps", f"a list of num_experts={num_experts} integers >= 0", steps)
+
+
+# ----------------------------------------------------------------------------------------------------- conversion
+# The PMoE fields `from_dense_config` / `PMoEForCausalLM.from_dense` take (experts are grown, never passed).
+PMOE_OPTIONS = frozenset({
+    "num_shallow_layers", "expert_rank", "expert_alpha", "expert_use_rslora", "expert_dropout",
+    "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
+    "router_projection_size", "router_shrinkage", "router_fit_sequences", "expert_layers", "router_top_k",
+    "expert_capacity", "router_temperature", "router_min_gate", "router_per_layer", "router_input_layer",
+    "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights", "distillation_alpha",
+})
+
+
+def dense_config_fields(dense_config) -> dict:
+    """The `PMoEConfig` fields that reproduce a Llama, Mistral, Qwen2 or Qwen3 causal LM's config."""
+    model_type = getattr(dense_config, "model_type", None)
+    if model_type not in SUPPORTED_DENSE_MODEL_TYPES:
+        supported = ", ".join(f"{name} ({kind})" for kind, name in SUPPORTED_DENSE_ARCHITECTURES.items())
+        raise ValueError(
+            f"Cannot convert a dense model of type {model_type!r} to PMoE. Supported architectures: {supported}."
+        )
+    c = dense_config
+    num_heads = c.num_attention_heads
+    fields = {
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": getattr(c, "num_key_value_heads", None) or num_heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // num_heads,
+        "hidden_act": c.hidden_act,
+        "max_position_embeddings": c.max_position_embeddings,
+        "initializer_range": c.initializer_range,
+        "rms_norm_eps": c.rms_norm_eps,
+        "use_cache": getattr(c, "use_cache", True),
+        "pad_token_id": c.pad_token_id,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "rope_parameters": copy.deepcopy(c.rope_parameters),
+        "attention_dropout": getattr(c, "attention_dropout", 0.0),
+    }
+    if model_type == "llama":
+        fields.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    elif model_type == "mistral":
+        # Mistral applies its sliding window (when set) in every layer.
+        kind = "sliding_attention" if c.sliding_window is not None else "full_attention"
+        fields.update(sliding_window=c.sliding_window, layer_types=[kind] * c.num_hidden_layers)
+    elif model_type == "qwen2":
+        fields.update(attention_bias=True, attention_out_bias=False, sliding_window=c.sliding_window,
+                      layer_types=list(c.layer_types))
+    elif model_type == "qwen3":
+        fields.update(attention_bias=c.attention_bias, qk_norm=True, sliding_window=c.sliding_window,
+                      layer_types=list(c.layer_types))
+    if "sliding_attention" not in (fields.get("layer_types") or []):
+        fields["sliding_window"] = None
+    return fields
 
 
 __all__ = [
@@ -610,4 +587,7 @@ __all__ = [
     "SUPPORTED_DENSE_ARCHITECTURES",
     "default_expert_target_modules",
     "SUPPORTED_DENSE_MODEL_TYPES",
+    "PMOE_OPTIONS",
+    "dense_config_fields",
+    "validate_pmoe_config",
 ]

@@ -693,21 +693,14 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             position_ids, attention_mask, cache, routing_weights, inputs_embeds.shape[0]
         )
         self._check_embedding_experts_apply(input_ids, routing_weights)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=config)
-        if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-        mask_kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
-                       CACHE_KWARG: cache, "position_ids": position_ids}
-        # `generate` may pass the masks already built, one per layer type (static caches, compiled generation).
-        causal_masks = attention_mask if isinstance(attention_mask, dict) else self._causal_masks(mask_kwargs)
+        cache, position_ids, mask_kwargs, causal_masks = self._cache_positions_and_masks(
+            inputs_embeds, attention_mask, position_ids, cache, use_cache
+        )
         if routing_mask is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             routing_mask = attention_mask
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         layer_kwargs = dict(position_embeddings=position_embeddings, position_ids=position_ids, **kwargs)
-        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
 
         gates, router_logits = self._gate_before_layers(
             inputs_embeds, routing_weights, attention_mask, routing_mask, sequence_ids, mask_kwargs, layer_kwargs,
@@ -727,21 +720,14 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             if gates is not active_for:
                 active_for, (active_gates, active_experts) = gates, gates_of_active_experts(gates)
             hidden_states = decoder_layer(
-                hidden_states,
-                active_gates if decoder_layer.has_experts else None,
-                attention_mask=causal_masks[config.layer_types[layer_idx]],
-                use_cache=use_cache,
-                active_experts=active_experts,
-                **{CACHE_KWARG: cache},
-                **layer_kwargs,
+                hidden_states, active_gates if decoder_layer.has_experts else None,
+                attention_mask=causal_masks[config.layer_types[layer_idx]], use_cache=use_cache,
+                active_experts=active_experts, **{CACHE_KWARG: cache}, **layer_kwargs,
             )
         hidden_states = self.norm(hidden_states)
-
-        old_last_hidden_state = None
-        if compute_old_model:
-            old_last_hidden_state = self._old_model_pass(
-                old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs, sequence_ids, input_ids
-            )
+        old_last_hidden_state = self._old_model_pass(
+            old_model_input, router_logits, first_expert_layer, causal_masks, layer_kwargs, sequence_ids, input_ids
+        ) if compute_old_model else None
         return PMoEModelOutputWithPast(
             last_hidden_state=hidden_states,
             router_logits=router_logits if output_router_logits and config.num_experts > 0 else None,
@@ -749,6 +735,21 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             old_last_hidden_state=old_last_hidden_state,
             **{CACHE_KWARG: cache if use_cache else None},
         )
+
+    def _cache_positions_and_masks(self, inputs_embeds, attention_mask, position_ids, cache, use_cache):
+        """The cache (a new `DynamicCache` when `use_cache` and none is given), the position ids, what transformers'
+        mask functions take, and one causal mask per layer type."""
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+        mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                       CACHE_KWARG: cache, "position_ids": position_ids}
+        # `generate` may pass the masks already built, one per layer type (static caches, compiled generation).
+        causal_masks = attention_mask if isinstance(attention_mask, dict) else self._causal_masks(mask_kwargs)
+        return cache, position_ids, mask_kwargs, causal_masks
 
     def _check_embedding_experts_apply(self, input_ids, routing_weights):
         config = self.config
@@ -912,27 +913,18 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         >>> model.add_expert("sql")  # new, trainable expert; everything else frozen
         ```
         """
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
+        config = self.config
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         cache = one_cache_argument(cache, past_key_values)
-        if routing_mask is None and labels is not None and self.config.routing == "sequence":
+        if routing_mask is None and labels is not None and config.routing == "sequence":
             check_labels(labels, input_ids if input_ids is not None else inputs_embeds)
             check_attention_mask(attention_mask, labels.shape[0], labels.shape[1], has_cache=cache is not None)
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
-        distill = self.training and labels is not None and self.config.distillation_alpha > 0
+        distill = self.training and labels is not None and config.distillation_alpha > 0
         outputs: PMoEModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            routing_weights=routing_weights,
-            routing_mask=routing_mask,
-            compute_old_model=distill,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits,
+            routing_weights=routing_weights, routing_mask=routing_mask, compute_old_model=distill, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -948,13 +940,13 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
             with torch.no_grad():
                 old_logits = self.lm_head(outputs.old_last_hidden_state[:, slice_indices, :])
             distillation_loss = old_model_kl(logits, old_logits, labels)
-            loss = loss + self.config.distillation_alpha * distillation_loss
+            loss = loss + config.distillation_alpha * distillation_loss
 
         aux_loss = None
         if output_router_logits and outputs.router_logits:
-            aux_loss = router_load_balancing_loss(self.config, outputs.router_logits, attention_mask)
-            if aux_loss is not None and labels is not None and self.config.router_aux_loss_coef > 0:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+            aux_loss = router_load_balancing_loss(config, outputs.router_logits, attention_mask)
+            if aux_loss is not None and labels is not None and config.router_aux_loss_coef > 0:
+                loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
 
         return PMoECausalLMOutputWithPast(
             loss=loss,
