@@ -9,6 +9,7 @@ from datasets import Dataset, concatenate_datasets
 from transformers import Trainer, TrainerCallback
 
 from pmoe import PMoEContinualCallback, PMoEForCausalLM, PMoEForSequenceClassification, schedule_from_task_column
+from pmoe.trainer_callbacks import add_expert_to_optimizer
 
 from helpers import make_dense, make_pmoe, task_dataset, tiny_pmoe_config, training_args, without_task
 
@@ -104,7 +105,7 @@ def test_new_parameter_group_is_scheduled_with_a_custom_optimizer():
         optimizer.step()
         scheduler.step()
     index = model.add_expert("b")
-    PMoEContinualCallback._add_to_optimizer(model, index, optimizer, scheduler)
+    add_expert_to_optimizer(model, index, optimizer, scheduler)
     assert len(optimizer.param_groups) == 2
     optimizer.step()
     scheduler.step()

@@ -32,6 +32,8 @@ Trainer's own choice is the half-written folder. With one Trainer per task, give
 Trainer counts steps from 0), and save between tasks with `pmoe.save_pretrained_atomic` if you overwrite one folder.
 """
 
+import bisect
+import itertools
 import json
 import os
 import sys
@@ -154,6 +156,158 @@ def schedule_new_param_group(scheduler, optimizer, group: dict, template: dict):
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
+class TaskSchedule:
+    """One run that trains several tasks: `(task, optimizer steps)` in order (`PMoEContinualCallback(task_schedule=)`)."""
+
+    def __init__(self, entries):
+        entries = [tuple(entry) for entry in entries]
+        if not entries or any(
+            len(entry) != 2 or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 1
+            for entry in entries
+        ):
+            raise ValueError(f"task_schedule must be a non-empty list of (task name, steps >= 1) pairs, got {entries!r}.")
+        check_task_names([task for task, _ in entries], "task_schedule")
+        self.entries = entries
+        self.names = [task for task, _ in entries]
+        self.total_steps = sum(steps for _, steps in entries)
+        # global_step after which the next task starts -> its position in the schedule.
+        ends = itertools.accumulate(steps for _, steps in entries[:-1])
+        self.boundaries = {end: position + 1 for position, end in enumerate(ends)}
+
+    def position_of(self, step: int) -> int:
+        """Index of the task that optimizer step `step` (0-based) belongs to."""
+        return min(bisect.bisect_right(list(self.boundaries), step), len(self.entries) - 1)
+
+    def check_run(self, args):
+        """The run's `max_steps` must be the schedule's total, and experts cannot grow inside a distributed run."""
+        if args.max_steps > 0 and args.max_steps != self.total_steps:
+            raise ValueError(
+                f"task_schedule adds up to {self.total_steps} steps but the run is max_steps={args.max_steps}: set "
+                f"max_steps={self.total_steps} or change the schedule."
+            )
+        if args.max_steps <= 0:
+            raise ValueError(
+                f"With a task_schedule set max_steps={self.total_steps} (the schedule's total) in TrainingArguments."
+            )
+        distributed = max(1, getattr(args, "world_size", 1)) > 1
+        if len(self.entries) > 1 and (distributed or args.deepspeed or args.fsdp):
+            raise ValueError(
+                "Growing experts inside one distributed (DDP / DeepSpeed / FSDP) run is not supported: the wrapper "
+                "registers the parameters it synchronises when it wraps the model. Train one task per Trainer "
+                "(PMoEContinualCallback(tasks=[...])), saving and reloading the model between tasks under "
+                "DeepSpeed ZeRO-3 or FSDP."
+            )
+
+
+def check_task_names(names, field):
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{field} contains an invalid task name {name!r}: use non-empty strings.")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{field} names the same task more than once: {duplicates}.")
+
+
+def add_expert_to_optimizer(pmoe_model, index, optimizer, lr_scheduler):
+    """Put expert `index`'s parameters into the live optimizer: into the Trainer's existing decay / no-decay
+    groups when they exist (the scheduler already drives those), else as new groups registered with the
+    LambdaLR scheduler."""
+    if optimizer is None:
+        raise ValueError("No optimizer to add the new expert to: the Trainer has not built one.")
+    names = pmoe_model.expert_parameters(index)
+    decay_names = set(get_parameter_names(pmoe_model, [nn.LayerNorm], NO_DECAY_PATTERNS))
+    new = {"decay": [p for n, p in names.items() if n in decay_names],
+           "no_decay": [p for n, p in names.items() if n not in decay_names]}
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = inner.param_groups
+    # The Trainer builds two groups: [decay, no decay (weight_decay=0)].
+    trainer_layout = len(groups) == 2 and groups[1].get("weight_decay", 0.0) == 0.0
+    order = {param: position for position, param in enumerate(pmoe_model.parameters())}
+    for kind, params in new.items():
+        if not params:
+            continue
+        if trainer_layout:
+            group = groups[0 if kind == "decay" else 1]
+            # Keep each group in the model's parameter order, as a resumed Trainer builds it, so that saved
+            # optimizer state lines up with the right tensors on resume.
+            group["params"] = sorted([*group["params"], *params], key=lambda p: order.get(p, len(order)))
+            continue
+        template = groups[0]
+        group = {key: value for key, value in template.items() if key != "params"}
+        group["params"] = params
+        if kind == "no_decay":
+            group["weight_decay"] = 0.0
+        inner.add_param_group(group)
+        schedule_new_param_group(getattr(lr_scheduler, "scheduler", lr_scheduler), inner, group, template)
+
+
+
+def start_from_nearest_expert(pmoe_model, index, train_dataloader, args):
+    """Copy into the new expert `index` the earlier expert that fits the task's first examples best (if any)."""
+    pmoe_model.check_expert_start("new_expert_init='nearest'")
+    if index == 0 or train_dataloader is None:
+        return None
+    dataset = train_dataloader.dataset
+    rows = [dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))]
+    device = pmoe_model.get_input_embeddings().weight.device
+    batch = {key: value.to(device) for key, value in train_dataloader.collate_fn(rows).items()
+             if isinstance(value, torch.Tensor)}
+    nearest = pmoe_model.nearest_expert(batch, candidates=range(index))
+    if nearest is not None:
+        pmoe_model.copy_expert_weights(nearest, index)
+        task = pmoe_model.config.expert_tasks[index]
+        logger.info(f"Task {task!r}: expert {index} starts from expert {nearest} "
+                    f"({pmoe_model.config.expert_tasks[nearest]!r}), which fits its first examples best.")
+    return nearest
+
+
+
+def warn_about_other_tasks_checkpoints(args, pmoe_model):
+    """Each Trainer counts steps from 0, so in an output_dir shared by several tasks this task's checkpoint-N
+    overwrites an earlier task's, in place (a crash mid-save loses both), and the highest-numbered checkpoint
+    need not be the newest."""
+    if args.save_strategy == "no" or not args.should_save or not os.path.isdir(args.output_dir):
+        return
+    for name in sorted(os.listdir(args.output_dir)):
+        try:
+            with open(os.path.join(args.output_dir, name, "config.json"), encoding="utf-8") as handle:
+                tasks = json.load(handle).get("expert_tasks") if _CHECKPOINT.match(name) else None
+        except (OSError, ValueError, AttributeError):
+            continue
+        if tasks is not None and tasks != pmoe_model.config.expert_tasks:
+            logger.warning(
+                f"{os.path.join(args.output_dir, name)} is a checkpoint of experts {tasks}, but this Trainer "
+                f"trains {pmoe_model.config.expert_tasks}: its checkpoints will overwrite those of the same step. "
+                "Give each task its own output_dir."
+            )
+            return
+
+
+
+def router_statistics(pmoe_model) -> dict[str, torch.Tensor]:
+    """A copy of the statistics every process updates on its own batches (fitted keys, expert usage)."""
+    return {name: buffer.detach().clone() for name, buffer in pmoe_model.named_buffers()
+            if name.rsplit(".", 1)[-1] in SYNCED_BUFFERS}
+
+
+def sync_router_statistics(pmoe_model, snapshot: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Under torchrun every process fits the trained expert's key (and counts expert usage) on its own batches: add
+    the other processes' contributions since `snapshot` (`router_statistics` at the last sync), so every process (and
+    the checkpoint) has the global statistics. Returns the snapshot to pass next time."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return snapshot
+    if torch.distributed.get_world_size() < 2:
+        return snapshot
+    snapshot = snapshot or {}
+    for name, buffer in pmoe_model.named_buffers():
+        if name not in snapshot or snapshot[name].shape != buffer.shape:
+            continue
+        delta = buffer - snapshot[name].to(buffer.device)
+        torch.distributed.all_reduce(delta)
+        buffer.copy_(snapshot[name].to(buffer.device) + delta)
+    return router_statistics(pmoe_model)
+
+
 class PMoEContinualCallback(TrainerCallback):
     """Grows one expert per task at task boundaries, freezes the earlier ones, logs router health.
 
@@ -192,17 +346,10 @@ class PMoEContinualCallback(TrainerCallback):
             raise ValueError("Pass either `tasks` (one Trainer per task) or `task_schedule` (one run), not both.")
         if tasks is not None:
             tasks = list(tasks)
-            self._check_names(tasks, "tasks")
+            check_task_names(tasks, "tasks")
+        self._schedule = TaskSchedule(task_schedule) if task_schedule is not None else None
         if task_schedule is not None:
-            task_schedule = [tuple(entry) for entry in task_schedule]
-            if not task_schedule or any(
-                len(entry) != 2 or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 1
-                for entry in task_schedule
-            ):
-                raise ValueError(
-                    f"task_schedule must be a non-empty list of (task name, steps >= 1) pairs, got {task_schedule!r}."
-                )
-            self._check_names([task for task, _ in task_schedule], "task_schedule")
+            task_schedule = self._schedule.entries
         if distillation_alpha is not None and (
             isinstance(distillation_alpha, bool) or not isinstance(distillation_alpha, (int, float))
             or not 0 <= distillation_alpha < float("inf")
@@ -248,15 +395,6 @@ class PMoEContinualCallback(TrainerCallback):
         self._explicitly_started: str | None = None
         self._stats_snapshot: dict[str, torch.Tensor] | None = None
 
-    @staticmethod
-    def _check_names(names, field):
-        for name in names:
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"{field} contains an invalid task name {name!r}: use non-empty strings.")
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"{field} names the same task more than once: {duplicates}.")
-
     # ------------------------------------------------------------------------------------------- task control
     def start_task(self, model, task_name: str) -> int:
         """Make `task_name` the task being trained: grow its expert (freezing every other expert and the base weights)
@@ -284,27 +422,8 @@ class PMoEContinualCallback(TrainerCallback):
             logger.info(f"Started task {task_name!r}: expert {index}.")
         self.current_task = task_name
         self._explicitly_started = task_name
-        self._stats_snapshot = self._gaussian_statistics(pmoe_model)
+        self._stats_snapshot = router_statistics(pmoe_model)
         return index
-
-    @staticmethod
-    def _start_from_nearest(pmoe_model, index, train_dataloader, args):
-        """Copy into the new expert `index` the earlier expert that fits the task's first examples best (if any)."""
-        pmoe_model.check_expert_start("new_expert_init='nearest'")
-        if index == 0 or train_dataloader is None:
-            return None
-        dataset = train_dataloader.dataset
-        rows = [dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))]
-        device = pmoe_model.get_input_embeddings().weight.device
-        batch = {key: value.to(device) for key, value in train_dataloader.collate_fn(rows).items()
-                 if isinstance(value, torch.Tensor)}
-        nearest = pmoe_model.nearest_expert(batch, candidates=range(index))
-        if nearest is not None:
-            pmoe_model.copy_expert_weights(nearest, index)
-            task = pmoe_model.config.expert_tasks[index]
-            logger.info(f"Task {task!r}: expert {index} starts from expert {nearest} "
-                        f"({pmoe_model.config.expert_tasks[nearest]!r}), which fits its first examples best.")
-        return nearest
 
     @staticmethod
     def _activate(pmoe_model, index, trainable_experts=None):
@@ -312,23 +431,6 @@ class PMoEContinualCallback(TrainerCallback):
         require grad: what `add_expert` leaves trainable, so a resumed task trains the same parameters."""
         set_trainable(pmoe_model, {index} if trainable_experts is None else trainable_experts)
         pmoe_model.training_expert = index
-
-    def _schedule_position(self, step: int) -> int:
-        """Index in `task_schedule` of the task that optimizer step `step` (0-based) belongs to."""
-        end = 0
-        for position, (_, steps) in enumerate(self.task_schedule):
-            end += steps
-            if step < end:
-                return position
-        return len(self.task_schedule) - 1
-
-    def _boundaries(self) -> dict[int, int]:
-        """global_step after which the next task starts -> its position in the schedule."""
-        boundaries, end = {}, 0
-        for position, (_, steps) in enumerate(self.task_schedule[:-1]):
-            end += steps
-            boundaries[end] = position + 1
-        return boundaries
 
     # ------------------------------------------------------------------------------------------- Trainer events
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -361,47 +463,11 @@ class PMoEContinualCallback(TrainerCallback):
             self.start_task(pmoe_model, pmoe_model.config.expert_tasks[-1])
         self._explicitly_started = None
         if self.task_schedule is None:
-            self._warn_about_other_tasks_checkpoints(args, pmoe_model)
-
-    @staticmethod
-    def _warn_about_other_tasks_checkpoints(args, pmoe_model):
-        """Each Trainer counts steps from 0, so in an output_dir shared by several tasks this task's checkpoint-N
-        overwrites an earlier task's, in place (a crash mid-save loses both), and the highest-numbered checkpoint
-        need not be the newest."""
-        if args.save_strategy == "no" or not args.should_save or not os.path.isdir(args.output_dir):
-            return
-        for name in sorted(os.listdir(args.output_dir)):
-            try:
-                with open(os.path.join(args.output_dir, name, "config.json"), encoding="utf-8") as handle:
-                    tasks = json.load(handle).get("expert_tasks") if _CHECKPOINT.match(name) else None
-            except (OSError, ValueError, AttributeError):
-                continue
-            if tasks is not None and tasks != pmoe_model.config.expert_tasks:
-                logger.warning(
-                    f"{os.path.join(args.output_dir, name)} is a checkpoint of experts {tasks}, but this Trainer "
-                    f"trains {pmoe_model.config.expert_tasks}: its checkpoints will overwrite those of the same step. "
-                    "Give each task its own output_dir."
-                )
-                return
+            warn_about_other_tasks_checkpoints(args, pmoe_model)
 
     def _init_schedule(self, args, pmoe_model):
-        total = sum(steps for _, steps in self.task_schedule)
-        if args.max_steps > 0 and args.max_steps != total:
-            raise ValueError(
-                f"task_schedule adds up to {total} steps but the run is max_steps={args.max_steps}: set "
-                f"max_steps={total} or change the schedule."
-            )
-        if args.max_steps <= 0:
-            raise ValueError(f"With a task_schedule set max_steps={total} (the schedule's total) in TrainingArguments.")
-        distributed = max(1, getattr(args, "world_size", 1)) > 1
-        if len(self.task_schedule) > 1 and (distributed or args.deepspeed or args.fsdp):
-            raise ValueError(
-                "Growing experts inside one distributed (DDP / DeepSpeed / FSDP) run is not supported: the wrapper "
-                "registers the parameters it synchronises when it wraps the model. Train one task per Trainer "
-                "(PMoEContinualCallback(tasks=[...])), saving and reloading the model between tasks under "
-                "DeepSpeed ZeRO-3 or FSDP."
-            )
-        names = [task for task, _ in self.task_schedule]
+        self._schedule.check_run(args)
+        names = self._schedule.names
         existing = pmoe_model.config.expert_tasks
         started = [task for task in existing if task in names]
         if started != names[: len(started)] or existing[len(existing) - len(started):] != started:
@@ -418,17 +484,17 @@ class PMoEContinualCallback(TrainerCallback):
             first = len(existing) - len(started)
             self._activate(pmoe_model, len(existing) - 1, trainable_experts=range(first, len(existing)))
             self.current_task = started[-1]
-            self._stats_snapshot = self._gaussian_statistics(pmoe_model)
+            self._stats_snapshot = router_statistics(pmoe_model)
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         pmoe_model = unwrap_pmoe(model)
         if self.task_schedule is None:
             fresh, self._fresh_expert = self._fresh_expert, None
             if self.new_expert_init == "nearest" and fresh is not None and state.global_step == 0:
-                source = self._start_from_nearest(pmoe_model, fresh, train_dataloader, args)
+                source = start_from_nearest_expert(pmoe_model, fresh, train_dataloader, args)
                 self.started_from[pmoe_model.config.expert_tasks[fresh]] = source
             return
-        position = self._schedule_position(state.global_step)
+        position = self._schedule.position_of(state.global_step)
         expected = self.task_schedule[position][0]
         if self.current_task != expected:
             raise ValueError(
@@ -447,22 +513,22 @@ class PMoEContinualCallback(TrainerCallback):
         if self.merge_every_n_steps and state.global_step % self.merge_every_n_steps == 0:
             others = pmoe_model.config.num_experts - (pmoe_model.training_expert is not None)
             if others >= 3:
-                self._sync_gaussian_statistics(pmoe_model)  # every process picks the same experts
+                self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)  # every process picks the same experts
                 first, second, target = pmoe_model.merge_experts(method=self.merge_method)
                 logger.info(f"Step {state.global_step}: merged experts {first} and {second} into expert {target}.")
-                self._stats_snapshot = self._gaussian_statistics(pmoe_model)
+                self._stats_snapshot = router_statistics(pmoe_model)
         if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
-            self._sync_gaussian_statistics(pmoe_model)
+            self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)
         if self.task_schedule is None:
             return
-        next_position = self._boundaries().get(state.global_step)
+        next_position = self._schedule.boundaries.get(state.global_step)
         if next_position is None:
             return
-        self._sync_gaussian_statistics(pmoe_model)
+        self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)
         self._record_scores(pmoe_model)
         task = self.task_schedule[next_position][0]
         index = self.start_task(pmoe_model, task)
-        self._add_to_optimizer(pmoe_model, index, optimizer, kwargs.get("lr_scheduler"))
+        add_expert_to_optimizer(pmoe_model, index, optimizer, kwargs.get("lr_scheduler"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -502,60 +568,6 @@ class PMoEContinualCallback(TrainerCallback):
         callbacks.remove(self)
         callbacks.insert(min(1, len(callbacks)), self)
 
-    @staticmethod
-    def _add_to_optimizer(pmoe_model, index, optimizer, lr_scheduler):
-        """Put expert `index`'s parameters into the live optimizer: into the Trainer's existing decay / no-decay
-        groups when they exist (the scheduler already drives those), else as new groups registered with the
-        LambdaLR scheduler."""
-        if optimizer is None:
-            raise ValueError("No optimizer to add the new expert to: the Trainer has not built one.")
-        names = pmoe_model.expert_parameters(index)
-        decay_names = set(get_parameter_names(pmoe_model, [nn.LayerNorm], NO_DECAY_PATTERNS))
-        new = {"decay": [p for n, p in names.items() if n in decay_names],
-               "no_decay": [p for n, p in names.items() if n not in decay_names]}
-        inner = getattr(optimizer, "optimizer", optimizer)
-        groups = inner.param_groups
-        # The Trainer builds two groups: [decay, no decay (weight_decay=0)].
-        trainer_layout = len(groups) == 2 and groups[1].get("weight_decay", 0.0) == 0.0
-        order = {param: position for position, param in enumerate(pmoe_model.parameters())}
-        for kind, params in new.items():
-            if not params:
-                continue
-            if trainer_layout:
-                group = groups[0 if kind == "decay" else 1]
-                # Keep each group in the model's parameter order, as a resumed Trainer builds it, so that saved
-                # optimizer state lines up with the right tensors on resume.
-                group["params"] = sorted([*group["params"], *params], key=lambda p: order.get(p, len(order)))
-                continue
-            template = groups[0]
-            group = {key: value for key, value in template.items() if key != "params"}
-            group["params"] = params
-            if kind == "no_decay":
-                group["weight_decay"] = 0.0
-            inner.add_param_group(group)
-            schedule_new_param_group(getattr(lr_scheduler, "scheduler", lr_scheduler), inner, group, template)
-
-    @staticmethod
-    def _gaussian_statistics(pmoe_model) -> dict[str, torch.Tensor]:
-        return {name: buffer.detach().clone() for name, buffer in pmoe_model.named_buffers()
-                if name.rsplit(".", 1)[-1] in SYNCED_BUFFERS}
-
-    def _sync_gaussian_statistics(self, pmoe_model):
-        """Under torchrun every process fits the trained expert's Gaussian key (and counts expert usage) on its own
-        batches: add the other processes' contributions since the last sync, so every process (and the checkpoint)
-        has the global statistics."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if torch.distributed.get_world_size() < 2:
-            return
-        snapshot = self._stats_snapshot or {}
-        for name, buffer in pmoe_model.named_buffers():
-            if name not in snapshot or snapshot[name].shape != buffer.shape:
-                continue
-            delta = buffer - snapshot[name].to(buffer.device)
-            torch.distributed.all_reduce(delta)
-            buffer.copy_(snapshot[name].to(buffer.device) + delta)
-        self._stats_snapshot = self._gaussian_statistics(pmoe_model)
 
 
-__all__ = ["PMoEContinualCallback", "schedule_from_task_column", "unwrap_pmoe"]
+__all__ = ["PMoEContinualCallback", "TaskSchedule", "add_expert_to_optimizer", "schedule_from_task_column", "unwrap_pmoe"]
