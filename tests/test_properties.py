@@ -220,4 +220,7 @@ def test_padding_never_changes_a_rows_real_tokens(options, side, batch_size, len
             alone = model(input_ids=input_ids[row][real][None])
             torch.testing.assert_close(padded.logits[row][real], alone.logits[0], atol=1e-5, rtol=1e-5)
             if padded.routing_weights is not None:
-                torch.testing.assert_close(padded.routing_weights[row], alone.routing_weights[0], atol=1e-6, rtol=1e-6)
+                # As loose as the logits: a batch of rows and a row alone take other matmul blockings, and Gaussian
+                # keys' log-likelihoods (summed over the features, over a variance floor of 1e-3) magnify that last-bit
+                # difference into the gates (1.8e-6 seen: a 2-expert softmax, one real token of seven).
+                torch.testing.assert_close(padded.routing_weights[row], alone.routing_weights[0], atol=1e-5, rtol=1e-5)

@@ -157,7 +157,7 @@ def schedule_new_param_group(scheduler, optimizer, group: dict, template: dict):
 
 
 class TaskSchedule:
-    """One run that trains several tasks: `(task, optimizer steps)` in order (`PMoEContinualCallback(task_schedule=)`)."""
+    """One run that trains several tasks: `(task, optimizer steps)` in order (the callback's `task_schedule`)."""
 
     def __init__(self, entries):
         entries = [tuple(entry) for entry in entries]
@@ -165,7 +165,9 @@ class TaskSchedule:
             len(entry) != 2 or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 1
             for entry in entries
         ):
-            raise ValueError(f"task_schedule must be a non-empty list of (task name, steps >= 1) pairs, got {entries!r}.")
+            raise ValueError(
+                f"task_schedule must be a non-empty list of (task name, steps >= 1) pairs, got {entries!r}."
+            )
         check_task_names([task for task, _ in entries], "task_schedule")
         self.entries = entries
         self.names = [task for task, _ in entries]
@@ -200,6 +202,7 @@ class TaskSchedule:
 
 
 def check_task_names(names, field):
+    """Task names are non-empty strings, each named once."""
     for name in names:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{field} contains an invalid task name {name!r}: use non-empty strings.")
@@ -241,7 +244,6 @@ def add_expert_to_optimizer(pmoe_model, index, optimizer, lr_scheduler):
         schedule_new_param_group(getattr(lr_scheduler, "scheduler", lr_scheduler), inner, group, template)
 
 
-
 def start_from_nearest_expert(pmoe_model, index, train_dataloader, args):
     """Copy into the new expert `index` the earlier expert that fits the task's first examples best (if any)."""
     pmoe_model.check_expert_start("new_expert_init='nearest'")
@@ -259,7 +261,6 @@ def start_from_nearest_expert(pmoe_model, index, train_dataloader, args):
         logger.info(f"Task {task!r}: expert {index} starts from expert {nearest} "
                     f"({pmoe_model.config.expert_tasks[nearest]!r}), which fits its first examples best.")
     return nearest
-
 
 
 def warn_about_other_tasks_checkpoints(args, pmoe_model):
@@ -281,7 +282,6 @@ def warn_about_other_tasks_checkpoints(args, pmoe_model):
                 "Give each task its own output_dir."
             )
             return
-
 
 
 def router_statistics(pmoe_model) -> dict[str, torch.Tensor]:
@@ -513,18 +513,18 @@ class PMoEContinualCallback(TrainerCallback):
         if self.merge_every_n_steps and state.global_step % self.merge_every_n_steps == 0:
             others = pmoe_model.config.num_experts - (pmoe_model.training_expert is not None)
             if others >= 3:
-                self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)  # every process picks the same experts
+                self._sync_statistics(pmoe_model)  # every process picks the same experts
                 first, second, target = pmoe_model.merge_experts(method=self.merge_method)
                 logger.info(f"Step {state.global_step}: merged experts {first} and {second} into expert {target}.")
                 self._stats_snapshot = router_statistics(pmoe_model)
         if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
-            self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)
+            self._sync_statistics(pmoe_model)
         if self.task_schedule is None:
             return
         next_position = self._schedule.boundaries.get(state.global_step)
         if next_position is None:
             return
-        self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)
+        self._sync_statistics(pmoe_model)
         self._record_scores(pmoe_model)
         task = self.task_schedule[next_position][0]
         index = self.start_task(pmoe_model, task)
@@ -561,6 +561,9 @@ class PMoEContinualCallback(TrainerCallback):
             state.log_history[-1].update({k: v for k, v in logs.items() if k.startswith("router")})
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _sync_statistics(self, pmoe_model):
+        self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)
+
     def _run_before_reporting_callbacks(self):
         """Move this callback right after `DefaultFlowCallback`, so the router metrics it adds to `logs` in `on_log`
         are there when TensorBoard & co. (registered before user callbacks) write them."""
@@ -570,4 +573,6 @@ class PMoEContinualCallback(TrainerCallback):
 
 
 
-__all__ = ["PMoEContinualCallback", "TaskSchedule", "add_expert_to_optimizer", "schedule_from_task_column", "unwrap_pmoe"]
+__all__ = [
+    "PMoEContinualCallback", "TaskSchedule", "add_expert_to_optimizer", "schedule_from_task_column", "unwrap_pmoe",
+]
