@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from pmoe import PMoEConfig, PMoEEmbedding, PMoEForCausalLM, PMoELinear, PMoEModel
 from pmoe.configuration_pmoe import EXPERT_TARGET_MODULES
-from pmoe.experts_pmoe import route
+from pmoe.experts_pmoe import expert_rank_gates, route
 from transformers import PreTrainedModel
 
 from helpers import TINY, TOKEN_LEARNED, VOCAB, make_pmoe, padded_batch, randomize_experts, tiny_pmoe_config
@@ -464,8 +464,14 @@ def test_only_active_experts_are_computed_and_the_result_is_the_same():
         full = linear(x, gates)
         sparse = linear(x, gates, active_experts=(1, 3))
         torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-5)
-        # The model passes the active experts' gates only (narrowed once per forward): the same result.
+        # The active experts' gates only, or (what the model passes, worked out once per forward) their rank gates:
+        # the same result, bit for bit.
         assert torch.equal(linear(x, gates[..., [1, 3]], active_experts=(1, 3)), sparse)
+        rank_gates = expert_rank_gates(gates[..., [1, 3]], linear.rank, linear.scaling, x.dtype)
+        assert rank_gates.shape == (2, 1, 2 * linear.rank)
+        assert torch.equal(linear(x, rank_gates=rank_gates, active_experts=(1, 3)), sparse)
+        with pytest.raises(ValueError, match=r"rank gates for 8 columns but its active experts have 4 \(rank 4\)"):
+            linear(x, rank_gates=rank_gates, active_experts=(1,))
         assert torch.equal(linear(x, gates, active_experts=()), F.linear(x, linear.weight))
         with pytest.raises(ValueError, match="gates for 3 experts but has 4 experts and 2 active ones"):
             linear(x, gates[..., :3], active_experts=(1, 3))

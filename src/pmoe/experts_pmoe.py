@@ -99,34 +99,54 @@ class PMoEExperts:
         return self.grow_expert()
 
     def expert_update(
-        self, project_a: Callable, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None
+        self, project_a: Callable, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None,
+        rank_gates: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """The gated sum of the experts' updates, or `None` when no expert applies. `project_a(A_cat)` maps the input
-        through the concatenated A (`[..., E * r]`). `active_experts`: the experts that run (`None`: all of them), so
-        top-k and sequence routing cost what the chosen experts cost, not all experts. `expert_gates[..., j]` is the
-        gate of `active_experts[j]`; gates over all experts are also accepted and the active ones taken here (the model
-        takes them once per forward, not once per module)."""
+        """The gated sum of the experts' updates, or `None` when no expert applies (see `gated_expert_input`)."""
+        gated = self.gated_expert_input(project_a, expert_gates, active_experts, rank_gates)
+        return None if gated is None else F.linear(*gated)
+
+    def gated_expert_input(
+        self, project_a: Callable, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None,
+        rank_gates: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(gated, B_cat)`, whose `F.linear` is the gated sum of the experts' updates, or `None` when no expert applies.
+        `project_a(A_cat)` maps the input through the concatenated A (`[..., E * r]`); `gated` is that, each rank column
+        times its expert's gate and the LoRA scaling.
+
+        `active_experts`: the experts that run (`None`: all of them), so top-k and sequence routing cost what the chosen
+        experts cost, not all experts. The gates come either as `rank_gates` (`[..., E * r]`, `expert_rank_gates` of
+        the active experts' gates: what the model passes, worked out once per forward) or as `expert_gates`, where
+        `expert_gates[..., j]` is the gate of `active_experts[j]` (gates over all experts are also accepted and the
+        active ones taken here)."""
         num_experts = len(self.experts)
-        if expert_gates is None or num_experts == 0 or active_experts == ():
+        if num_experts == 0 or active_experts == () or (expert_gates is None and rank_gates is None):
             return None
-        width = expert_gates.shape[-1]
-        if active_experts is not None and width == num_experts and len(active_experts) < num_experts:
-            expert_gates = expert_gates[..., list(active_experts)]
-        elif width != (num_experts if active_experts is None else len(active_experts)):
-            raise ValueError(
-                f"{type(self).__name__} got gates for {width} experts but has {num_experts} experts"
-                + ("." if active_experts is None else f" and {len(active_experts)} active ones {active_experts}.")
-            )
+        if rank_gates is None:
+            width = expert_gates.shape[-1]
+            if active_experts is not None and width == num_experts and len(active_experts) < num_experts:
+                expert_gates = expert_gates[..., list(active_experts)]
+            elif width != (num_experts if active_experts is None else len(active_experts)):
+                raise ValueError(
+                    f"{type(self).__name__} got gates for {width} experts but has {num_experts} experts"
+                    + ("." if active_experts is None else f" and {len(active_experts)} active ones {active_experts}.")
+                )
         lora_a, lora_b = self._concatenated(active_experts)
         hidden = project_a(lora_a)  # [..., E * r]
-        # Each expert's gate over its r columns, by broadcasting on an [E, r] view (no repeated gate tensor).
-        gates = (expert_gates.to(hidden.dtype) * self.scaling).unsqueeze(-1)
-        return F.linear((hidden.unflatten(-1, (expert_gates.shape[-1], self.rank)) * gates).flatten(-2), lora_b)
+        if rank_gates is None:
+            rank_gates = expert_rank_gates(expert_gates, self.rank, self.scaling, hidden.dtype)
+        elif rank_gates.shape[-1] != lora_a.shape[0]:
+            raise ValueError(f"{type(self).__name__} got rank gates for {rank_gates.shape[-1]} columns but its active "
+                             f"experts have {lora_a.shape[0]} (rank {self.rank}).")
+        return hidden * rank_gates, lora_b
 
     def _concatenated(self, active_experts: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`A_cat [E*r, in]` and `B_cat [out, E*r]` of the active experts (`None`: all). Without autograd (inference)
         the concatenation is cached until one of the tensors changes (tensor version counters), so decoding does not
         copy the experts at every token."""
+        if active_experts is not None and len(active_experts) == 1:  # sequence routing's usual case: no copy
+            expert = self.experts[active_experts[0]]
+            return expert.lora_A, expert.lora_B
         experts = self.experts if active_experts is None else [self.experts[i] for i in active_experts]
         if len(experts) == 1:
             return experts[0].lora_A, experts[0].lora_B
@@ -154,12 +174,18 @@ class PMoELinear(PMoEExperts, nn.Linear):
         self.expert_dropout = nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, expert_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None
+        self, x: torch.Tensor, expert_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None,
+        rank_gates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        update = self.expert_update(lambda lora_a: F.linear(self.expert_dropout(x), lora_a), expert_gates,
-                                    active_experts)
-        return out if update is None else out + update
+        source = self.expert_dropout(x) if self.training else x  # (dropout is the identity in eval: skip the call)
+        gated = self.gated_expert_input(lambda lora_a: F.linear(source, lora_a), expert_gates, active_experts,
+                                        rank_gates)
+        if gated is None:
+            return out
+        gated, lora_b = gated
+        # `out + gated @ B^T` as one GEMM: the update is never written out and read back, one kernel fewer.
+        return torch.addmm(out.reshape(-1, out.shape[-1]), gated.reshape(-1, gated.shape[-1]), lora_b.T).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={len(self.experts)}, rank={self.rank}"
@@ -178,10 +204,11 @@ class PMoEEmbedding(PMoEExperts, nn.Embedding):
         self._init_experts(config, with_experts, num_embeddings, embedding_dim)
 
     def expert_update_for(
-        self, input_ids: torch.Tensor, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None = None
+        self, input_ids: torch.Tensor, expert_gates: torch.Tensor | None, active_experts: tuple[int, ...] | None = None,
+        rank_gates: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         return self.expert_update(lambda lora_a: F.embedding(input_ids, lora_a.T, self.padding_idx), expert_gates,
-                                  active_experts)
+                                  active_experts, rank_gates)
 
     @torch.no_grad()
     def match_vocabulary(self):
@@ -514,11 +541,23 @@ def active_expert_indices(gates: torch.Tensor | None) -> tuple[int, ...] | None:
     return tuple(index for index, is_used in enumerate(used) if is_used)
 
 
-def gates_of_active_experts(gates: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
-    """`gates` `[..., E]` narrowed to the experts that run, and their indices (`None`: all run, `gates` unchanged):
-    what the expert layers take, worked out once per routing decision instead of once per module."""
+def expert_rank_gates(gates: torch.Tensor, rank: int, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """`[..., E] -> [..., E * r]`: each expert's gate times the LoRA scaling, once for each of its rank columns of
+    `A_cat x`. Every expert module of a model shares rank and scaling, so the model works this out once per gate."""
+    return (gates.to(dtype) * scaling).repeat_interleave(rank, dim=-1)
+
+
+def expert_gate_inputs(
+    gates: torch.Tensor | None, rank: int, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, tuple[int, ...] | None]:
+    """What the expert modules take, worked out once per routing decision instead of once per module: the rank gates
+    (`expert_rank_gates`) of the experts that run, and their indices (`None`: all experts run)."""
+    if gates is None:
+        return None, None
     active = active_expert_indices(gates)
-    return (gates if active is None else gates[..., list(active)]), active
+    if active is not None:
+        gates = gates[..., list(active)]
+    return expert_rank_gates(gates, rank, scaling, dtype), active
 
 
 def route(logits: torch.Tensor, activation: str, top_k: int | None, min_gate: float = 0.0) -> torch.Tensor:

@@ -19,6 +19,7 @@ import copy
 import inspect
 import os
 from dataclasses import dataclass
+from functools import partial
 from collections.abc import Callable
 
 import torch
@@ -61,7 +62,7 @@ from .experts_pmoe import (
     PMoERouter,
     PMoERouterKey,
     expert_index_of,
-    gates_of_active_experts,
+    expert_gate_inputs,
     route,
 )
 from .growth_pmoe import PMoEGrowthMixin
@@ -238,12 +239,10 @@ class PMoEMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(
-        self, x: torch.Tensor, expert_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None
+        self, x: torch.Tensor, rank_gates: torch.Tensor | None = None, active_experts: tuple[int, ...] | None = None
     ) -> torch.Tensor:
-        hidden = self.act_fn(self.gate_proj(x, expert_gates, active_experts)) * self.up_proj(
-            x, expert_gates, active_experts
-        )
-        return self.down_proj(hidden, expert_gates, active_experts)
+        experts = dict(rank_gates=rank_gates, active_experts=active_experts)
+        return self.down_proj(self.act_fn(self.gate_proj(x, **experts)) * self.up_proj(x, **experts), **experts)
 
 
 class PMoEAttention(nn.Module):
@@ -284,16 +283,17 @@ class PMoEAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        expert_gates: torch.Tensor | None = None,
+        rank_gates: torch.Tensor | None = None,
         active_experts: tuple[int, ...] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
+        experts = dict(rank_gates=rank_gates, active_experts=active_experts)
 
-        query_states = self.q_proj(hidden_states, expert_gates, active_experts).view(hidden_shape)
-        key_states = self.k_proj(hidden_states, expert_gates, active_experts).view(hidden_shape)
-        value_states = self.v_proj(hidden_states, expert_gates, active_experts).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states, **experts).view(hidden_shape)
+        key_states = self.k_proj(hidden_states, **experts).view(hidden_shape)
+        value_states = self.v_proj(hidden_states, **experts).view(hidden_shape).transpose(1, 2)
         if self.q_norm is not None:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
@@ -319,7 +319,7 @@ class PMoEAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output, expert_gates, active_experts), attn_weights
+        return self.o_proj(attn_output, **experts), attn_weights
 
 
 class PMoEDecoderLayer(GradientCheckpointingLayer):
@@ -335,7 +335,7 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        expert_gates: torch.Tensor | None = None,
+        rank_gates: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = False,
@@ -343,8 +343,9 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
         active_experts: tuple[int, ...] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        # The gates arrive as an argument, not module state, so gradient checkpointing recomputes with the same ones;
-        # positional, so that reentrant checkpointing also carries their gradient back to the router.
+        # The gates (`expert_rank_gates` of the `active_experts`) arrive as an argument, not module state, so gradient
+        # checkpointing recomputes with the same ones; positional, so that reentrant checkpointing also carries their
+        # gradient back to the router.
         # The cache arrives under transformers' own name, which `GradientCheckpointingLayer` clears when checkpointing.
         cache = kwargs.pop(CACHE_KWARG, None)
         residual = hidden_states
@@ -356,7 +357,7 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
             cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
-            expert_gates=expert_gates,
+            rank_gates=rank_gates,
             active_experts=active_experts,
             **kwargs,
         )
@@ -364,7 +365,7 @@ class PMoEDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states, expert_gates, active_experts)
+        hidden_states = self.mlp(hidden_states, rank_gates, active_experts)
         return residual + hidden_states
 
 
@@ -707,8 +708,10 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             needs_router_logits=compute_old_model or output_router_logits,
         )
         # The experts that run and their gates, worked out once per gate (not per module).
-        active_for, (active_gates, active_experts) = gates, gates_of_active_experts(gates)
-        hidden_states = self._with_embedding_experts(input_ids, inputs_embeds, active_gates, active_experts)
+        gate_inputs = partial(expert_gate_inputs, rank=config.expert_rank, scaling=config.expert_scaling,
+                              dtype=inputs_embeds.dtype)
+        active_for, (rank_gates, active_experts) = gates, gate_inputs(gates)
+        hidden_states = self._with_embedding_experts(input_ids, inputs_embeds, rank_gates, active_experts)
         first_expert_layer = config.expert_layer_indices[0]
         old_model_input = None
         for layer_idx, decoder_layer in enumerate(self.layers[: config.num_hidden_layers]):
@@ -718,9 +721,9 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
                 gates, logits = self._router_gates(self._router_at(layer_idx), hidden_states, routing_mask, sequence_ids)
                 router_logits += (logits.reshape(-1, logits.shape[-1]),)
             if gates is not active_for:
-                active_for, (active_gates, active_experts) = gates, gates_of_active_experts(gates)
+                active_for, (rank_gates, active_experts) = gates, gate_inputs(gates)
             hidden_states = decoder_layer(
-                hidden_states, active_gates if decoder_layer.has_experts else None,
+                hidden_states, rank_gates if decoder_layer.has_experts else None,
                 attention_mask=causal_masks[config.layer_types[layer_idx]], use_cache=use_cache,
                 active_experts=active_experts, **{CACHE_KWARG: cache}, **layer_kwargs,
             )
@@ -778,8 +781,8 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
                               config.router_min_gate)
             if sequence_ids is not None:
                 old_gates = old_gates.gather(1, sequence_ids[..., None].expand(-1, -1, old_gates.shape[-1]))
-            old_gates = old_gates.to(hidden_states.dtype)
-        old_gates, active_experts = gates_of_active_experts(old_gates)
+        old_gates, active_experts = expert_gate_inputs(old_gates, config.expert_rank, config.expert_scaling,
+                                                       hidden_states.dtype)
         if start == 0 and config.expert_embeddings and old_gates is not None:
             hidden_states = self._with_embedding_experts(input_ids, hidden_states, old_gates, active_experts)
         for layer_idx in range(start, config.num_hidden_layers):
@@ -791,11 +794,11 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             )
         return self.norm(hidden_states)
 
-    def _with_embedding_experts(self, input_ids, inputs_embeds, gates, active_experts=None):
+    def _with_embedding_experts(self, input_ids, inputs_embeds, rank_gates, active_experts=None):
         """The token embeddings plus the gated embedding experts' update (`"embed_tokens"` in expert_target_modules)."""
         if input_ids is None:
             return inputs_embeds  # only with an all-zero gate (checked in `forward`)
-        update = self.embed_tokens.expert_update_for(input_ids, gates, active_experts)
+        update = self.embed_tokens.expert_update_for(input_ids, None, active_experts, rank_gates)
         return inputs_embeds if update is None else inputs_embeds + update.to(inputs_embeds.dtype)
 
     def _causal_masks(self, mask_kwargs: dict) -> dict:
