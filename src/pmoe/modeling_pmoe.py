@@ -19,7 +19,6 @@ import copy
 import inspect
 import os
 from dataclasses import dataclass
-from functools import partial
 from collections.abc import Callable
 
 import torch
@@ -707,10 +706,7 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             inputs_embeds, routing_weights, attention_mask, routing_mask, sequence_ids, mask_kwargs, layer_kwargs,
             needs_router_logits=compute_old_model or output_router_logits,
         )
-        # The experts that run and their gates, worked out once per gate (not per module).
-        gate_inputs = partial(expert_gate_inputs, rank=config.expert_rank, scaling=config.expert_scaling,
-                              dtype=inputs_embeds.dtype)
-        active_for, (rank_gates, active_experts) = gates, gate_inputs(gates)
+        active_for, (rank_gates, active_experts) = gates, self._expert_gate_inputs(gates, inputs_embeds.dtype)
         hidden_states = self._with_embedding_experts(input_ids, inputs_embeds, rank_gates, active_experts)
         first_expert_layer = config.expert_layer_indices[0]
         old_model_input = None
@@ -720,8 +716,9 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             if self._routes_before(layer_idx, gates):
                 gates, logits = self._router_gates(self._router_at(layer_idx), hidden_states, routing_mask, sequence_ids)
                 router_logits += (logits.reshape(-1, logits.shape[-1]),)
-            if gates is not active_for:
-                active_for, (rank_gates, active_experts) = gates, gate_inputs(gates)
+            if gates is not active_for:  # a router in the loop decided (token routing, per-layer routers)
+                active_for = gates
+                rank_gates, active_experts = self._expert_gate_inputs(gates, inputs_embeds.dtype)
             hidden_states = decoder_layer(
                 hidden_states, rank_gates if decoder_layer.has_experts else None,
                 attention_mask=causal_masks[config.layer_types[layer_idx]], use_cache=use_cache,
@@ -738,6 +735,11 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
             old_last_hidden_state=old_last_hidden_state,
             **{CACHE_KWARG: cache if use_cache else None},
         )
+
+    def _expert_gate_inputs(self, gates, dtype):
+        """What the expert layers take (`expert_gate_inputs`: the experts that run and their rank gates), worked out
+        once per gate, not in every expert module."""
+        return expert_gate_inputs(gates, self.config.expert_rank, self.config.expert_scaling, dtype)
 
     def _cache_positions_and_masks(self, inputs_embeds, attention_mask, position_ids, cache, use_cache):
         """The cache (a new `DynamicCache` when `use_cache` and none is given), the position ids, what transformers'
@@ -781,8 +783,7 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
                               config.router_min_gate)
             if sequence_ids is not None:
                 old_gates = old_gates.gather(1, sequence_ids[..., None].expand(-1, -1, old_gates.shape[-1]))
-        old_gates, active_experts = expert_gate_inputs(old_gates, config.expert_rank, config.expert_scaling,
-                                                       hidden_states.dtype)
+        old_gates, active_experts = self._expert_gate_inputs(old_gates, hidden_states.dtype)
         if start == 0 and config.expert_embeddings and old_gates is not None:
             hidden_states = self._with_embedding_experts(input_ids, hidden_states, old_gates, active_experts)
         for layer_idx in range(start, config.num_hidden_layers):
