@@ -348,8 +348,6 @@ class PMoEContinualCallback(TrainerCallback):
             tasks = list(tasks)
             check_task_names(tasks, "tasks")
         self._schedule = TaskSchedule(task_schedule) if task_schedule is not None else None
-        if task_schedule is not None:
-            task_schedule = self._schedule.entries
         if distillation_alpha is not None and (
             isinstance(distillation_alpha, bool) or not isinstance(distillation_alpha, (int, float))
             or not 0 <= distillation_alpha < float("inf")
@@ -386,7 +384,6 @@ class PMoEContinualCallback(TrainerCallback):
         self.evaluate_fn = evaluate_fn
         self.metric_name = metric_name
         self.tasks = tasks
-        self.task_schedule = task_schedule
         self.distillation_alpha = distillation_alpha
         self.merge_every_n_steps = merge_every_n_steps
         self.merge_method = merge_method
@@ -394,6 +391,11 @@ class PMoEContinualCallback(TrainerCallback):
         self.current_task: str | None = None
         self._explicitly_started: str | None = None
         self._stats_snapshot: dict[str, torch.Tensor] | None = None
+
+    @property
+    def task_schedule(self) -> list[tuple[str, int]] | None:
+        """The `(task, optimizer steps)` pairs of one-run mode (`None` with one Trainer per task)."""
+        return None if self._schedule is None else self._schedule.entries
 
     # ------------------------------------------------------------------------------------------- task control
     def start_task(self, model, task_name: str) -> int:
@@ -439,7 +441,7 @@ class PMoEContinualCallback(TrainerCallback):
         if self.distillation_alpha is not None:
             pmoe_model.config.distillation_alpha = float(self.distillation_alpha)
             pmoe_model.config.validate_pmoe()
-        if self.task_schedule is not None:
+        if self._schedule is not None:
             self._init_schedule(args, pmoe_model)
         elif self._explicitly_started is not None and self._explicitly_started in pmoe_model.config.expert_tasks:
             pass  # start_task was called for this Trainer
@@ -462,7 +464,7 @@ class PMoEContinualCallback(TrainerCallback):
             # No task information: keep training the newest expert.
             self.start_task(pmoe_model, pmoe_model.config.expert_tasks[-1])
         self._explicitly_started = None
-        if self.task_schedule is None:
+        if self._schedule is None:
             warn_about_other_tasks_checkpoints(args, pmoe_model)
 
     def _init_schedule(self, args, pmoe_model):
@@ -488,14 +490,14 @@ class PMoEContinualCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         pmoe_model = unwrap_pmoe(model)
-        if self.task_schedule is None:
+        if self._schedule is None:
             fresh, self._fresh_expert = self._fresh_expert, None
             if self.new_expert_init == "nearest" and fresh is not None and state.global_step == 0:
                 source = start_from_nearest_expert(pmoe_model, fresh, train_dataloader, args)
                 self.started_from[pmoe_model.config.expert_tasks[fresh]] = source
             return
         position = self._schedule.position_of(state.global_step)
-        expected = self.task_schedule[position][0]
+        expected = self._schedule.names[position]
         if self.current_task != expected:
             raise ValueError(
                 f"Step {state.global_step} of task_schedule belongs to task {expected!r}, but the model's newest "
@@ -519,14 +521,14 @@ class PMoEContinualCallback(TrainerCallback):
                 self._stats_snapshot = router_statistics(pmoe_model)
         if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
             self._sync_statistics(pmoe_model)
-        if self.task_schedule is None:
+        if self._schedule is None:
             return
         next_position = self._schedule.boundaries.get(state.global_step)
         if next_position is None:
             return
         self._sync_statistics(pmoe_model)
         self._record_scores(pmoe_model)
-        task = self.task_schedule[next_position][0]
+        task = self._schedule.names[next_position]
         index = self.start_task(pmoe_model, task)
         add_expert_to_optimizer(pmoe_model, index, optimizer, kwargs.get("lr_scheduler"))
 
