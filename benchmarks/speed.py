@@ -9,9 +9,10 @@ layer with the same rank and targets, and full fine-tuning.
   PMoE with 1, 8 and 50 experts with default settings, the prompt routed as real prompts are (keys fitted on
   distinct synthetic tasks: the router picks one expert), and the worst case (identical keys: every expert gets an
   equal gate and is computed), against Llama;
-- one training step (forward + backward + AdamW step): PMoE training its newest expert (`pmoe`: its router key has
-  seen `router_fit_sequences` sequences, the steady state of a task; `pmoe-fitting-key`: a task's first steps, which
-  also run the expert-free pass that fits the key), PEFT LoRA, full fine-tuning;
+- one training step (forward + backward + AdamW step): PMoE training its newest expert as the Trainer callback trains
+  it (`pmoe`: the task's key was fitted in one pass before its first step, so no step runs the expert-free pass;
+  `pmoe-fitting-in-steps`: a training loop without the callback, whose first `router_fit_sequences` sequences fit the
+  key inside the steps), PEFT LoRA, full fine-tuning; and that key-fitting pass (`fit_router_key`), per sequence;
 - peak memory of each case (CPU: peak resident set, reset before each case; CUDA: peak allocated), and parameters /
   checkpoint bytes added per task.
 
@@ -238,12 +239,21 @@ def build_training_model(name, shape, device, dtype):
     model.training_expert = 0
     key = model.model.routers[0].experts[0]
     with torch.no_grad():
-        if name == "pmoe-fitting-key":  # a new task's first steps: the expert-free pass fits the key
-            for statistic in key.statistics:
-                getattr(key, statistic).zero_()
-        else:  # the rest of the task: the key has seen router_fit_sequences sequences
-            key.count.fill_(model.config.router_fit_sequences)
-    return model
+        for statistic in key.statistics:
+            getattr(key, statistic).zero_()
+    if name == "pmoe":  # as the callback trains a task: its key fitted in a pass before the first step
+        input_ids, labels = inputs(shape, device)
+        model.fit_router_key([{"input_ids": input_ids, "labels": labels}])
+    return model  # "pmoe-fitting-in-steps": an empty key, which the training steps fit
+
+
+def key_fitting_fn(model, input_ids, labels):
+    """`fit_router_key` over one batch (what the callback runs over a task's sample before its first step)."""
+
+    def fit():
+        model.fit_router_key([{"input_ids": input_ids, "labels": labels}])
+
+    return fit
 
 
 def inputs(shape, device):
@@ -349,10 +359,14 @@ def main():
     results["llama_prefill_peak_bytes"] = peak_memory_of("prefill:llama", args)
 
     # Training: full fine-tuning, PEFT LoRA on every layer, PMoE training its newest expert: interleaved steps.
-    names = ["full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-key"]
+    names = ["full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-in-steps"]
     models = {name: build_training_model(name, shape, device, dtype) for name in names}
-    steps = paired_medians({name: training_step_fn(models[name], input_ids, labels) for name in names},
-                           device, args.repeats, args.warmup)
+    functions = {name: training_step_fn(models[name], input_ids, labels) for name in names}
+    functions["key-fitting"] = key_fitting_fn(models["pmoe"], input_ids, labels)
+    steps = paired_medians(functions, device, args.repeats, args.warmup)
+    results["key_fitting"] = {"pass_s_per_sequence": steps["key-fitting"] / input_ids.shape[0],
+                              "ratio_to_pmoe_step": steps["key-fitting"] / steps["pmoe"],
+                              "router_fit_sequences": models["pmoe"].config.router_fit_sequences}
     for name in names:
         results["training"][name] = {
             "step_s": steps[name], "ratio_to_peft": steps[name] / steps["peft-lora-all-layers"],
@@ -398,8 +412,9 @@ def markdown(results) -> str:
         "task 0, so the router picks one expert, as it does for 99-100% of the real-text benchmark's prompts; "
         "`pmoe-N-all`: N identical keys, so every expert gets an equal gate and is computed (the worst case); "
         "`-router-layer0`: `router_input_layer=0`, the router reads the token embeddings (no expert-free pass). "
-        "Training: `pmoe` is a task's steady state (its key has seen `router_fit_sequences` sequences), "
-        "`pmoe-fitting-key` its first steps, which also run the expert-free pass that fits the key.",
+        "Training: `pmoe` trains as the Trainer callback trains a task (its key fitted in one pass before the first "
+        "step, so no step runs the expert-free pass); `pmoe-fitting-in-steps`: a loop without the callback, whose first "
+        "`router_fit_sequences` sequences fit the key inside the steps.",
         "",
         "| model | experts used | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak memory (MiB) |",
         "|---|---|---|---|---|---|---|",
@@ -418,6 +433,13 @@ def markdown(results) -> str:
     for name, row in training.items():
         lines.append(f"| {name} | {row['step_s']:.4f} | {row['ratio_to_peft']:.3f} | "
                      f"{row['trainable_parameters']:,} | {mib(row['step_peak_bytes'])} |")
+    fitting = results["key_fitting"]
+    sequences = fitting["router_fit_sequences"]
+    lines += ["", f"Key fitting (`fit_router_key`, once per task before its first step): "
+              f"{fitting['pass_s_per_sequence']:.4f} s per sequence, {fitting['ratio_to_pmoe_step']:.3f}x the time of "
+              "a `pmoe` training step on the same sequence"
+              + ("" if sequences is None else f"; over {sequences} sequences: {sequences * fitting['pass_s_per_sequence'] / 60:.1f} minutes")
+              + "."]
     per_task = results["per_task"]
     lines += ["", f"Per task: {per_task['parameters_added']:,} parameters "
               f"({100 * per_task['parameters_added'] / per_task['base_parameters']:.2f}% of the base model), "

@@ -18,7 +18,8 @@ def test_speed_benchmark_quick_runs(tmp_path):
     assert results["inference"]["pmoe-4"]["experts_used"] == 1  # the prompt is routed to its task's expert
     assert results["inference"]["pmoe-4-all"]["experts_used"] == 4
     assert all(row["prefill_ratio"] > 0 for row in results["inference"].values())
-    assert {"full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-key"} <= set(results["training"])
+    assert {"full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-in-steps"} <= set(results["training"])
+    assert results["key_fitting"]["pass_s_per_sequence"] > 0
     assert results["wall_seconds"] > 0
     assert results["per_task"]["parameters_added"] > 0
     assert "| pmoe-4-all | 4 of 4 |" in (tmp_path / "speed-quick.md").read_text()

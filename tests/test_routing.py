@@ -231,6 +231,58 @@ def test_packed_rows_count_their_sequences_without_the_pass():
     assert model.model.routers[0].usage[0] == usage[0] + 3
 
 
+@pytest.mark.parametrize("keys", ["lda", "gaussian"])
+def test_a_fitting_pass_fits_what_training_forwards_fit_and_closes_the_key(keys):
+    stepwise, passed = (make_pmoe(router_keys=keys, router_fit_sequences=None) for _ in range(2))
+    for model in (stepwise, passed):
+        model.add_expert("a")
+        model.add_expert("b")
+        randomize_experts(model, [0])
+    batches = [task_batch(1, seed=seed) for seed in range(3)]
+    stepwise.train()
+    with torch.no_grad():
+        for input_ids, _ in batches:  # no labels: every token routes, the pass runs every column
+            stepwise(input_ids=input_ids)
+    assert passed.fit_router_key([{"input_ids": input_ids} for input_ids, _ in batches]) == 24
+    fitted, expected = passed.model.routers[0].experts[1], stepwise.model.routers[0].experts[1]
+    for name in fitted.statistics:  # the same expert-free features, in the same batches: bit for bit
+        assert torch.equal(getattr(fitted, name), getattr(expected, name)), name
+    assert fitted.closed and not expected.closed and not passed.training
+
+    # With labels only the prompt routes, and the columns after it are not run: the same statistics up to rounding.
+    labelled = make_pmoe(router_keys=keys)
+    labelled.add_expert("b")
+    labelled.fit_router_key({"input_ids": ids, "labels": labels} for ids, labels in batches)
+    reference = make_pmoe(router_keys=keys, router_fit_sequences=None)
+    reference.add_expert("b")
+    fit_task(reference, 0, 1, batches=3)
+    for name in fitted.statistics:
+        torch.testing.assert_close(getattr(labelled.model.routers[0].experts[0], name),
+                                   getattr(reference.model.routers[0].experts[0], name), rtol=1e-5, atol=1e-5)
+
+    # A closed key takes no more features, and training forwards skip the expert-free pass: one forward of layer 0
+    # per step although the key has seen fewer than router_fit_sequences (2048) sequences.
+    passed.train()
+    calls = shallow_calls(passed)
+    counts = fitted.count.clone()
+    passed(input_ids=batches[0][0], labels=batches[0][1])
+    assert len(calls) == 1 and torch.equal(fitted.count, counts)
+
+
+def test_fit_router_key_refuses_what_it_cannot_fit():
+    model = make_pmoe(router_keys="learned")
+    model.add_expert("a")
+    with pytest.raises(ValueError, match="fits the one router's LDA / Gaussian key"):
+        model.fit_router_key([])
+    model = make_pmoe()
+    with pytest.raises(IndexError, match=r"needs an expert of this model \(it has 0\)"):
+        model.fit_router_key([])
+    model.add_expert("a")
+    with pytest.raises(ValueError, match="needs batches with `input_ids` tensors"):
+        model.fit_router_key([{"labels": torch.zeros(2, 3, dtype=torch.long)}])
+    assert model.fit_router_key([]) == 0 and not model.model.routers[0].experts[0].closed  # nothing fitted: still open
+
+
 def test_an_old_tasks_outputs_stay_bit_identical_when_a_new_task_is_fitted():
     # Fitting a new LDA key moves every old score (the covariance is shared), but with the default gate floor a
     # confidently routed prompt keeps its own expert alone, at gate exactly 1: the old task's logits do not move a bit.

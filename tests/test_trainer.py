@@ -58,6 +58,59 @@ def test_start_task_before_each_trainer(tmp_path):
     assert model.config.expert_train_steps == [2, 2]
 
 
+class TrainingForwardsOfLayerZero(TrainerCallback):
+    """Counts layer 0's training-mode forwards (two per step while the expert-free pass runs, one without it) and
+    records the trained expert's key when the first step begins."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.key_at_first_step = model, [], None
+        model.model.layers[0].register_forward_hook(lambda module, *_: self.calls.append(1) if module.training else None)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.key_at_first_step is None:
+            key = self.model.model.routers[0].experts[self.model.training_expert]
+            self.key_at_first_step = (key.count.item(), key.closed)
+
+
+def test_the_callback_fits_a_tasks_key_before_its_first_step_so_no_step_runs_the_expert_free_pass(tmp_path):
+    model = make_pmoe(router_fit_sequences=10)  # a random sample of 10 of the task's 16 examples
+    callback = PMoEContinualCallback(tasks=["task-0"])
+    probe = TrainingForwardsOfLayerZero(model)
+    trainer = Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(0)),
+                      callbacks=[callback, probe])
+    trainer.train()
+    assert probe.key_at_first_step == (10, True)
+    assert len(probe.calls) == 4  # one forward of layer 0 per step: no expert-free pass
+    assert "router/agreement" in trainer.state.log_history[0]  # the fitting pass's routing decisions are logged
+    fitted = {name: tensor.clone() for name, tensor in model.expert_tensors(0).items() if ".routers." in name}
+
+    # The same seed samples the same examples: another run fits the same key, bit for bit.
+    again = make_pmoe(router_fit_sequences=10)
+    Trainer(again, training_args(tmp_path), train_dataset=without_task(task_dataset(0)),
+            callbacks=[PMoEContinualCallback(tasks=["task-0"])]).train()
+    assert_identical({n: t for n, t in again.expert_tensors(0).items() if ".routers." in n}, fitted)
+
+    # Resuming the task (its key already holds statistics, as a checkpoint's does): kept as it is, not refitted.
+    callback.start_task(model, "task-0")
+    probe.calls.clear()
+    Trainer(model, training_args(tmp_path, max_steps=2), train_dataset=without_task(task_dataset(0)),
+            callbacks=[callback]).train()
+    assert_identical({n: t for n, t in model.expert_tensors(0).items() if ".routers." in n}, fitted)
+    assert len(probe.calls) == 2
+
+
+def test_a_schedule_read_in_random_order_fits_keys_in_the_training_steps(tmp_path):
+    # With random sampling the callback cannot tell which examples belong to which task: the steps fit the keys.
+    model = make_pmoe()
+    probe = TrainingForwardsOfLayerZero(model)
+    data = concatenate_datasets([task_dataset(0), task_dataset(0)])
+    Trainer(model, training_args(tmp_path, max_steps=8), train_dataset=without_task(data),
+            callbacks=[PMoEContinualCallback(task_schedule=[("a", 4), ("b", 4)]), probe]).train()
+    assert probe.key_at_first_step == (0, False)
+    assert len(probe.calls) == 16  # the expert-free pass ran in every step
+    assert [entry.count.item() for entry in model.model.routers[0].experts] == [16, 16]
+
+
 class SnapshotAtStep(TrainerCallback):
     def __init__(self, step, model):
         self.step, self.model, self.saved, self.saved_head = step, model, None, None
@@ -76,9 +129,9 @@ def test_one_run_over_a_task_schedule(tmp_path):
     args = training_args(tmp_path, max_steps=8, train_sampling_strategy="sequential")
     schedule = schedule_from_task_column(data, args)
     assert schedule == [("task-0", 4), ("task-1", 4)]
-    probe = SnapshotAtStep(4, model)
+    probe, layer_zero = SnapshotAtStep(4, model), TrainingForwardsOfLayerZero(model)
     trainer = Trainer(model, args, train_dataset=without_task(data),
-                      callbacks=[PMoEContinualCallback(task_schedule=schedule), probe])
+                      callbacks=[PMoEContinualCallback(task_schedule=schedule), probe, layer_zero])
     assert model.config.expert_tasks == ["task-0"]
     trainer.train()
 
@@ -86,8 +139,10 @@ def test_one_run_over_a_task_schedule(tmp_path):
     assert model.config.expert_train_steps == [4, 4]
     assert_identical(model.expert_tensors(0), probe.saved)  # nothing of task 0 moved during task 1
     assert_identical(model.base_parameters(), base)
-    # Each task's key was fitted on its own 16 prompts only.
+    # Each task's key was fitted on its own 16 prompts only, each in a pass before the task's first step (the
+    # dataset is read in order), so no step ran the expert-free pass.
     assert [entry.count.item() for entry in model.model.routers[0].experts] == [16, 16]
+    assert len(layer_zero.calls) == 8
     # The new expert joined the live optimizer, and the scheduler drives its learning rate.
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimized for p in model.expert_parameters(1).values())

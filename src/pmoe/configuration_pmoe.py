@@ -120,14 +120,16 @@ class PMoEConfig(PreTrainedConfig):
       mass, so old outputs move when it is added. A new Gaussian key scores `-inf` until it is fitted, so growth is exact.
     - `router_variance_floor` (`float`, defaults to 1e-3): added to every Gaussian key's variance (features are
       RMS-normalised, so about 1e-3 of a feature's scale), so a key fitted on few sequences is not infinitely sharp.
-    - `router_fit_sequences` (`int` or `None`, defaults to 2048): while an expert with a fitted key (LDA, Gaussian)
-      trains, its key is fitted on the expert-free features of its task's first `router_fit_sequences` training
-      sequences (counted per process). With `expert_layers="all"` those features come from an extra pass through the
-      shallow block without experts; once the key has seen enough sequences, training steps skip that pass (the gate
-      is forced to the trained expert anyway), so they cost what a LoRA step costs. The features do not change during
-      training (base weights are frozen), so a sample estimates the key as well as every step would: 1000 prompts
-      per task already route 99-100% of the real-text benchmark's test prompts. The router logs
-      (`router/load`, `router/agreement`) cover the fitting steps only. `None` fits on every training sequence.
+    - `router_fit_sequences` (`int` or `None`, defaults to 2048): how many of a task's training sequences fit its
+      key (LDA, Gaussian), from their expert-free features. With `expert_layers="all"` the Trainer callback fits it in
+      one pass over a random sample of that many of the task's examples before the task's first step
+      (`fit_router_key`), so no training step runs the expert-free shallow pass (the gate is forced to the trained
+      expert anyway) and a step costs what a LoRA step costs. Otherwise (no callback, the deep-only layout whose
+      forward reads the features at no extra cost, an iterable dataset) the training forwards fit it on their first
+      `router_fit_sequences` sequences (counted per process), then stop. The features do not change during training
+      (base weights are frozen), so a sample estimates the key as well as every step would: 1000 prompts per task
+      already route 99-100% of the real-text benchmark's test prompts. The router logs (`router/load`,
+      `router/agreement`) cover the fitting only. `None` fits on every training sequence.
     - `expert_layers` (`"all"`, `"deep"` or `None`, defaults to `None`: `"all"` with sequence routing, `"deep"`
       otherwise): `"deep"` is the paper's asymmetric layout, experts in the deep layers only. `"all"` also puts them in
       the shallow layers, gated by the sequence gate computed from a first pass through the shallow block without

@@ -256,7 +256,8 @@ class PMoERouterKey(nn.Module):
     of squares of the routing features seen while the expert was trained (float32 buffers, saved with the model); the
     key is the diagonal Gaussian they define, and scores `-inf` until it has seen a feature. LDA keys: the count, sum
     and sum of outer products of the (projected) routing features, in float64; the router pools them into one shared
-    covariance (see `PMoERouter.lda_weights`).
+    covariance (see `PMoERouter.lda_weights`). `closed` (not saved): a fitting pass over the task's training data
+    completed the key (`fit_router_key`), so training forwards add nothing to it.
     """
 
     def __init__(self, config: PMoEConfig):
@@ -274,6 +275,7 @@ class PMoERouterKey(nn.Module):
             self.register_buffer("count", torch.zeros((), dtype=torch.float64))
             self.register_buffer("feature_sum", torch.zeros(size, dtype=torch.float64))
             self.register_buffer("feature_outer_sum", torch.zeros(size, size, dtype=torch.float64))
+        self.closed = False
         self.reset_parameters()
 
     @property
@@ -303,16 +305,21 @@ class PMoERouterKey(nn.Module):
         else:
             self.feature_outer_sum += features.T @ features
 
-    def has_seen(self, sequences: int | None) -> bool:
-        """Whether a fitted key's count has reached `sequences` (`None`: never). The answer is cached until the count
-        changes (tensor version counter), so once a key is fitted enough, asking costs no device-to-host read."""
-        if sequences is None or self.kind == "learned":
+    def is_fitted(self, sequences: int | None) -> bool:
+        """Whether a fitted key needs no more features: it is `closed`, or its count has reached `sequences` (`None`:
+        never). The answer is cached until the count changes (tensor version counter), so once a key is fitted
+        enough, asking costs no device-to-host read."""
+        if self.kind == "learned":
+            return False
+        if self.closed:
+            return True
+        if sequences is None:
             return False
         version = (self.count._version, self.count.data_ptr())
-        cached = self.__dict__.get("_has_seen")
+        cached = self.__dict__.get("_count_reached")
         if cached is None or cached[:2] != (version, sequences):
             cached = (version, sequences, bool(self.count >= sequences))
-            self.__dict__["_has_seen"] = cached
+            self.__dict__["_count_reached"] = cached
         return cached[2]
 
     def gaussian(self, variance_floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -483,9 +490,9 @@ class PMoERouter(nn.Module):
     ) -> torch.Tensor:
         """The router's training bookkeeping, all of it, for one training forward: while a fitted-key expert is
         trained (`forced_expert`), its task's features `[B, G, P]` fit its key until it has seen `fit_sequences`
-        sequences and its gate is forced; the log window records what the router itself decided (`gates`); the usage
+        sequences (or a fitting pass closed it) and its gate is forced; the log window records what the router itself decided (`gates`); the usage
         counts the gate applied, which is returned. `real` (`[B, G]`): the features of real tokens / sequences."""
-        if forced_expert is not None and not self.experts[forced_expert].has_seen(fit_sequences):
+        if forced_expert is not None and not self.experts[forced_expert].is_fitted(fit_sequences):
             selected = features.reshape(-1, features.shape[-1])
             self.experts[forced_expert].accumulate(selected if real is None else selected[real.reshape(-1)])
         self.record(gates, real, forced_expert)

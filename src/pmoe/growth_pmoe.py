@@ -142,6 +142,50 @@ class PMoEGrowthMixin:
             self.training_expert = training_expert
         return min(losses, key=lambda c: (losses[c], c is not None))  # ties keep the model without experts
 
+    @torch.no_grad()
+    def fit_router_key(self, batches: Iterable[dict], expert: int | None = None) -> int:
+        """Fit the router key of `expert` (default: `training_expert`) on `batches` in one pass without experts, and
+        close it: training forwards then add nothing to it and, with experts in every layer, skip the expert-free pass
+        that would fit it (about half a forward per training step). The Trainer callback runs this over a sample of
+        `router_fit_sequences` of each task's training examples before the task's first step.
+
+        `batches`: dicts of tensors as a data collator gives them: `input_ids`, and optionally `attention_mask`,
+        token `labels` (the prompt, labels -100, is what routes a sequence, as in a training forward), `position_ids`
+        (packed rows) or `routing_mask`. The features are those the router reads at inference (the input of
+        `router_input_layer`, no expert applied), in eval mode (no dropout). Fitted keys (LDA, Gaussian) and one
+        router only. The router's decisions on each batch, with the key fitted so far, go to the router logs (load,
+        entropy, agreement with `expert`), as when training forwards fit the key. Returns how many sequences (tokens,
+        with token routing) were fitted; a key that got none stays open."""
+        config = self.config
+        if not config.router_keys_are_fitted or config.router_per_layer:
+            raise ValueError(
+                "fit_router_key fits the one router's LDA / Gaussian key of an expert; this model has "
+                f"router_keys={config.router_keys!r}, router_per_layer={config.router_per_layer} (learned keys train "
+                "by gradient, per-layer routers read features that depend on the experts)."
+            )
+        expert = self.training_expert if expert is None else expert
+        if expert is None or isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < config.num_experts:
+            raise IndexError(f"fit_router_key needs an expert of this model (it has {config.num_experts}), got {expert!r}.")
+        model = self._pmoe_model()
+        key = model.routers[0].experts[expert]
+        names = ("input_ids", "attention_mask", "labels", "position_ids", "routing_mask")
+        was_training, fitted = self.training, 0
+        self.eval()
+        try:
+            for batch in batches:
+                if not isinstance(batch.get("input_ids"), torch.Tensor):
+                    raise ValueError(f"fit_router_key needs batches with `input_ids` tensors, got keys {sorted(batch)}.")
+                features = model._expert_free_routing_features(**{name: batch.get(name) for name in names})
+                key.accumulate(features)
+                fitted += features.shape[0]
+                # The router logs (load, entropy, agreement) see what the router decides with the key fitted so far,
+                # as they did when training forwards fitted it.
+                model.routers[0].record(model.routers[0](features[:, None, :])[1], forced_expert=expert)
+        finally:
+            self.train(was_training)
+        key.closed = key.closed or fitted > 0
+        return fitted
+
     def freeze_experts(self, indices: Iterable[int] | None = None, frozen: bool = True):
         """Set `requires_grad=not frozen` on the given experts (default: all) and their router entries."""
         indices = set(range(self.config.num_experts) if indices is None else indices)

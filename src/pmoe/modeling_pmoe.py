@@ -545,13 +545,14 @@ class PMoEGateMixin:
         return gates.to(hidden_states.dtype), logits
 
     def _key_is_fitted(self, needs_router_logits: bool) -> bool:
-        """Training an expert whose fitted key has seen `router_fit_sequences` sequences: its gate is forced, so the
+        """Training an expert whose fitted key has seen `router_fit_sequences` sequences or was fitted in a pass of its
+        own (`fit_router_key`, which the Trainer callback runs before a task's first step): its gate is forced, so the
         expert-free pass would only refit the key and fill the logs, and is skipped. Distillation and router-logit
         outputs still need the router's logits."""
         config, expert = self.config, self._training_expert
         return (
             self.training and expert is not None and config.router_keys_are_fitted and not needs_router_logits
-            and self.routers[0].experts[expert].has_seen(config.router_fit_sequences)
+            and self.routers[0].experts[expert].is_fitted(config.router_fit_sequences)
         )
 
     def _training_gate(self, inputs_embeds: torch.Tensor, sequence_ids: torch.Tensor | None) -> torch.Tensor:
@@ -625,6 +626,36 @@ class PMoEGateMixin:
                     **layer_kwargs,
                 )
         return hidden_states
+
+
+    @torch.no_grad()
+    def _expert_free_routing_features(self, input_ids, attention_mask=None, labels=None, position_ids=None,
+                                      routing_mask=None) -> torch.Tensor:
+        """The first router's features `[n, P]` of a batch's real sequences (real tokens, with token routing), read
+        where it reads them at inference, without experts: what fitting a key sees (`fit_router_key`). With sequence
+        routing, token `labels` mark the prompt (-100) that routes, as in a training forward, and the columns after
+        the last routing token are not run (causal attention: they change no routing feature)."""
+        config = self.config
+        if routing_mask is None and labels is not None and labels.shape == input_ids.shape and config.routing == "sequence":
+            routing_mask = prompt_mask_from_labels(labels, attention_mask)
+        if routing_mask is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            routing_mask = attention_mask
+        sequence_ids, _ = self._sequence_routing_inputs(position_ids, attention_mask, None, None, input_ids.shape[0])
+        if routing_mask is not None and sequence_ids is None and routing_mask.any():
+            length = int(routing_mask.any(dim=0).nonzero().max()) + 1
+            input_ids, routing_mask = input_ids[:, :length], routing_mask[:, :length]
+            attention_mask = attention_mask[:, :length] if isinstance(attention_mask, torch.Tensor) else attention_mask
+            position_ids = position_ids[..., :length] if position_ids is not None else None
+        inputs_embeds = self.embed_tokens(input_ids)  # the base embedding: experts are added by the forward
+        _, position_ids, mask_kwargs, _ = self._cache_positions_and_masks(
+            inputs_embeds, attention_mask, position_ids, None, False
+        )
+        layer_kwargs = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
+                            position_ids=position_ids)
+        boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
+        features, real = self.routers[0].features(boundary, routing_mask, sequence_ids)
+        features = features.reshape(-1, features.shape[-1])
+        return features if real is None else features[real.reshape(-1)]
 
 
 class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):

@@ -176,6 +176,17 @@ class TaskSchedule:
         ends = itertools.accumulate(steps for _, steps in entries[:-1])
         self.boundaries = {end: position + 1 for position, end in enumerate(ends)}
 
+    def rows_of(self, position: int, args, size: int) -> range | None:
+        """The dataset rows (of `size`) that task `position` trains on, where the run reads the dataset in order (one
+        task, or `train_sampling_strategy="sequential"` as `schedule_from_task_column` asks); `None` otherwise."""
+        if len(self.entries) == 1:
+            return range(size)
+        if getattr(args, "train_sampling_strategy", "random") != "sequential":
+            return None
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        start = sum(steps for _, steps in self.entries[:position]) * per_step
+        return range(min(start, size), min(start + self.entries[position][1] * per_step, size))
+
     def position_of(self, step: int) -> int:
         """Index of the task that optimizer step `step` (0-based) belongs to."""
         return min(bisect.bisect_right(list(self.boundaries), step), len(self.entries) - 1)
@@ -244,23 +255,63 @@ def add_expert_to_optimizer(pmoe_model, index, optimizer, lr_scheduler):
         schedule_new_param_group(getattr(lr_scheduler, "scheduler", lr_scheduler), inner, group, template)
 
 
+def collated_batch(pmoe_model, train_dataloader, indices) -> dict[str, torch.Tensor]:
+    """The training dataset's examples `indices`, collated as the Trainer's dataloader collates them, on the model's
+    device (a map-style dataset: the dataloader's sampler, and its random state, are not touched)."""
+    dataset = train_dataloader.dataset
+    device = pmoe_model.get_input_embeddings().weight.device
+    return {key: value.to(device) for key, value in train_dataloader.collate_fn([dataset[i] for i in indices]).items()
+            if isinstance(value, torch.Tensor)}
+
+
 def start_from_nearest_expert(pmoe_model, index, train_dataloader, args):
     """Copy into the new expert `index` the earlier expert that fits the task's first examples best (if any)."""
     pmoe_model.check_expert_start("new_expert_init='nearest'")
     if index == 0 or train_dataloader is None:
         return None
-    dataset = train_dataloader.dataset
-    rows = [dataset[i] for i in range(min(len(dataset), args.per_device_train_batch_size))]
-    device = pmoe_model.get_input_embeddings().weight.device
-    batch = {key: value.to(device) for key, value in train_dataloader.collate_fn(rows).items()
-             if isinstance(value, torch.Tensor)}
-    nearest = pmoe_model.nearest_expert(batch, candidates=range(index))
+    first = range(min(len(train_dataloader.dataset), args.per_device_train_batch_size))
+    nearest = pmoe_model.nearest_expert(collated_batch(pmoe_model, train_dataloader, first), candidates=range(index))
     if nearest is not None:
         pmoe_model.copy_expert_weights(nearest, index)
         task = pmoe_model.config.expert_tasks[index]
         logger.info(f"Task {task!r}: expert {index} starts from expert {nearest} "
                     f"({pmoe_model.config.expert_tasks[nearest]!r}), which fits its first examples best.")
     return nearest
+
+
+def fit_key_before_training(pmoe_model, index, train_dataloader, args, rows: range | None = None) -> int | None:
+    """Fit expert `index`'s router key in one expert-free pass (`fit_router_key`) over a random sample of
+    `router_fit_sequences` of the task's training examples (`rows` of the dataset, default all of it; under
+    torchrun each process takes its share), before the task's first step, so that no training step runs the
+    expert-free pass. Returns the sequences fitted, or `None` where the training steps fit the key instead: a key
+    that already holds statistics (resuming: it is kept as the checkpoint has it, and closed), a layout whose training
+    forward reads the features at no extra cost (`expert_layers="deep"`), token routing, learned keys, per-layer
+    routers, an iterable dataset or a model loaded as remote code from a release without `fit_router_key`."""
+    config = pmoe_model.config
+    if not (config.expert_layers == "all" and config.routing == "sequence" and config.router_keys_are_fitted
+            and not config.router_per_layer and hasattr(pmoe_model, "fit_router_key")):
+        return None
+    key = pmoe_model.expert_routers()[0].experts[index]
+    if key.count > 0:
+        key.closed = True
+        return None
+    dataset = getattr(train_dataloader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    rows = range(len(dataset)) if rows is None else rows
+    generator = torch.Generator().manual_seed(args.seed)
+    sample = [rows[i] for i in torch.randperm(len(rows), generator=generator)[: config.router_fit_sequences].tolist()]
+    if not sample:
+        return None
+    share = sample[args.process_index :: max(1, args.world_size)]  # the callback then sums the processes' statistics
+    size = args.per_device_eval_batch_size
+    batches = (collated_batch(pmoe_model, train_dataloader, share[start : start + size])
+               for start in range(0, len(share), size))
+    fitted = pmoe_model.fit_router_key(batches, expert=index)
+    key.closed = True  # on every process, also one whose share was empty
+    logger.info(f"Task {config.expert_tasks[index]!r}: fitted the router key of expert {index} on {len(sample)} "
+                "training sequences in one expert-free pass before its first step; the training steps skip that pass.")
+    return fitted
 
 
 def warn_about_other_tasks_checkpoints(args, pmoe_model):
@@ -495,6 +546,8 @@ class PMoEContinualCallback(TrainerCallback):
             if self.new_expert_init == "nearest" and fresh is not None and state.global_step == 0:
                 source = start_from_nearest_expert(pmoe_model, fresh, train_dataloader, args)
                 self.started_from[pmoe_model.config.expert_tasks[fresh]] = source
+            if pmoe_model.training_expert is not None:
+                self._fit_key(pmoe_model, pmoe_model.training_expert, train_dataloader, args)
             return
         position = self._schedule.position_of(state.global_step)
         expected = self._schedule.names[position]
@@ -505,6 +558,7 @@ class PMoEContinualCallback(TrainerCallback):
                 "model saved in the checkpoint you resume from."
             )
         self._activate(pmoe_model, pmoe_model.config.expert_tasks.index(expected))
+        self._fit_scheduled_key(pmoe_model, position, train_dataloader, args)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         pmoe_model = unwrap_pmoe(model)
@@ -531,6 +585,7 @@ class PMoEContinualCallback(TrainerCallback):
         task = self._schedule.names[next_position]
         index = self.start_task(pmoe_model, task)
         add_expert_to_optimizer(pmoe_model, index, optimizer, kwargs.get("lr_scheduler"))
+        self._fit_scheduled_key(pmoe_model, next_position, kwargs.get("train_dataloader"), args)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -563,6 +618,18 @@ class PMoEContinualCallback(TrainerCallback):
             state.log_history[-1].update({k: v for k, v in logs.items() if k.startswith("router")})
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _fit_key(self, pmoe_model, index, train_dataloader, args, rows=None):
+        """The task's router key, fitted before its first step (`fit_key_before_training`), the same on every process."""
+        if fit_key_before_training(pmoe_model, index, train_dataloader, args, rows) is not None:
+            self._sync_statistics(pmoe_model)
+
+    def _fit_scheduled_key(self, pmoe_model, position, train_dataloader, args):
+        dataset = getattr(train_dataloader, "dataset", None)
+        rows = self._schedule.rows_of(position, args, len(dataset)) if hasattr(dataset, "__len__") else None
+        if rows is not None:
+            self._fit_key(pmoe_model, pmoe_model.config.expert_tasks.index(self._schedule.names[position]),
+                          train_dataloader, args, rows)
+
     def _sync_statistics(self, pmoe_model):
         self._stats_snapshot = sync_router_statistics(pmoe_model, self._stats_snapshot)
 
