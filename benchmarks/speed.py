@@ -16,7 +16,8 @@ layer with the same rank and targets, and full fine-tuning.
 - peak memory of each case (CPU: peak resident set, reset before each case; CUDA: peak allocated), and parameters /
   checkpoint bytes added per task.
 
-Timings are medians over repeats after warm-up. Ratios are against the peer measured in the same run. Results go to
+Timings are medians over repeats after warm-up; prefill and training ratios are the median over the repeats of the
+time against the peer's in the same repeat (decode: the ratio of the medians of interleaved steps). Results go to
 `benchmarks/results/speed{,-quick}.json` and `.md`.
 
     python benchmarks/speed.py           # hidden 1024, intermediate 2816, 8 layers (4 shallow), rank 8, 512 tokens
@@ -43,9 +44,9 @@ from pmoe.modeling_pmoe import CACHE_KWARG  # noqa: E402
 
 
 FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
-            seq=512, decode=32, experts=[1, 8, 50], repeats=5, warmup=1)
+            seq=512, decode=32, experts=[1, 8, 50], repeats=5, training_repeats=9, warmup=1)
 QUICK = dict(vocab=512, hidden=128, intermediate=352, layers=4, shallow=2, heads=4, kv_heads=4, rank=4,
-             seq=64, decode=8, experts=[1, 4], repeats=3, warmup=1)
+             seq=64, decode=8, experts=[1, 4], repeats=3, training_repeats=3, warmup=1)
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -54,21 +55,27 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def paired_medians(functions: dict, device, repeats: int, warmup: int) -> dict:
-    """Median seconds of each function, their runs interleaved (a, b, a, b, ...) so that every contender sees the same
-    machine state: on a busy or thermally throttled CPU, timing one model after the other biases the ratio."""
+def paired_medians(functions: dict, device, repeats: int, warmup: int, reference: str | None = None):
+    """Median seconds of each function, their runs interleaved (a, b, a, b, ...; the order flipping every repeat) so
+    that every contender sees the same machine state: on a busy or thermally throttled CPU, timing one model after
+    the other biases the ratio. With `reference`, also each function's median over the repeats of its time divided
+    by the reference's time in the same repeat (less moved by a slow moment than a ratio of medians)."""
     for _ in range(warmup):
         for fn in functions.values():
             fn()
     times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
+    for repeat in range(repeats):
+        for name in (list(functions) if repeat % 2 == 0 else list(reversed(functions))):
             synchronize(device)
             start = time.perf_counter()
-            result = fn()
+            result = functions[name]()
             synchronize(device)
             times[name].append(result if isinstance(result, float) else time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    if reference is None:
+        return medians
+    ratios = {name: statistics.median(t / r for t, r in zip(values, times[reference])) for name, values in times.items()}
+    return medians, ratios
 
 
 def peak_memory_of(case: str, args) -> int | None:
@@ -317,10 +324,11 @@ def main():
 
     started = time.time()
     input_ids, labels = inputs(shape, device)
-    results = {"shape": {k: v for k, v in shape.items() if k not in ("repeats", "warmup")},
+    results = {"shape": {k: v for k, v in shape.items() if k not in ("repeats", "training_repeats", "warmup")},
                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-               "repeats": args.repeats, "inference": {}, "training": {}}
+               "repeats": args.repeats, "training_repeats": max(args.repeats, shape["training_repeats"]),
+               "inference": {}, "training": {}}
     print(f"shape {results['shape']} on {device} ({results['dtype']}, {results['threads']} threads)", flush=True)
     llama = make_llama(shape, device, dtype)
     llama_prefill = prefill_fn(llama, input_ids)
@@ -331,13 +339,13 @@ def main():
     if shape["expert_layers"] == "all":
         cases.append((shape["experts"][1], True, {"router_input_layer": 0}))
     def time_inference(name, model, sequence_routing, **row):
-        prefill = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
-                                 device, args.repeats, args.warmup)
+        prefill, prefill_ratios = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
+                                                 device, args.repeats, args.warmup, reference="llama")
         decode = interleaved_decode({"llama": (llama, False), name: (model, sequence_routing)}, input_ids,
                                     shape["decode"], device, args.repeats, args.warmup)
         results["inference"][name] = {
             **row, "prefill_s": prefill[name], "llama_prefill_s": prefill["llama"],
-            "prefill_ratio": prefill[name] / prefill["llama"],
+            "prefill_ratio": prefill_ratios[name],
             "decode_s_per_token": decode[name], "llama_decode_s_per_token": decode["llama"],
             "decode_ratio": decode[name] / decode["llama"],
         }
@@ -363,13 +371,14 @@ def main():
     models = {name: build_training_model(name, shape, device, dtype) for name in names}
     functions = {name: training_step_fn(models[name], input_ids, labels) for name in names}
     functions["key-fitting"] = key_fitting_fn(models["pmoe"], input_ids, labels)
-    steps = paired_medians(functions, device, args.repeats, args.warmup)
+    steps, step_ratios = paired_medians(functions, device, results["training_repeats"], args.warmup,
+                                        reference="peft-lora-all-layers")
     results["key_fitting"] = {"pass_s_per_sequence": steps["key-fitting"] / input_ids.shape[0],
                               "ratio_to_pmoe_step": steps["key-fitting"] / steps["pmoe"],
                               "router_fit_sequences": models["pmoe"].config.router_fit_sequences}
     for name in names:
         results["training"][name] = {
-            "step_s": steps[name], "ratio_to_peft": steps[name] / steps["peft-lora-all-layers"],
+            "step_s": steps[name], "ratio_to_peft": step_ratios[name],
             "trainable_parameters": sum(p.numel() for p in models[name].parameters() if p.requires_grad),
             "step_peak_bytes": peak_memory_of(f"train:{name}", args),
         }
@@ -404,8 +413,9 @@ def markdown(results) -> str:
         f"Shape: hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} layers "
         f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on {', '.join(targets(shape))}, batch 1, "
         f"{shape['seq']} prompt tokens, {shape['decode']} decoded (decode: the median step, Llama and the model taking turns at every step); {results['device']} {results['dtype']}, "
-        f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs; "
-        "each ratio is against the same-weights Llama timed alongside it. `peft-lora`: PEFT LoRA on the same targets, "
+        f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs "
+        f"({results['training_repeats']} for training); prefill and training ratios are the median of the runs' ratios "
+        "to the peer timed alongside (the same-weights Llama, PEFT LoRA for training). `peft-lora`: PEFT LoRA on the same targets, "
         "unmerged (as a served adapter runs). PMoE with default settings (sequence routing, LDA "
         f"keys, router reading the input of layer {router_input_layer(shape)}, `router_min_gate` 0.01). `pmoe-N`: N "
         "experts whose keys were fitted on N synthetic tasks (each its own slice of the vocabulary) and a prompt of "
