@@ -20,8 +20,11 @@ Two ways to train, one callback:
   one and adds the new parameters to the live optimizer's parameter groups, so the learning-rate scheduler drives them
   like every other parameter. Single process only: DDP / DeepSpeed / FSDP register parameters when they wrap the model.
 
-Router health (per-expert load, gate entropy, and how often the router itself picks the expert being trained) is added
-to the Trainer's logs, so it reaches TensorBoard and every other `report_to` integration.
+Router keys (LDA, Gaussian) are fitted, not trained: with experts in every layer the callback fits each task's key in
+one expert-free pass over a sample of its training examples before its first step (`fit_key_before_training`), so no
+training step pays for that pass. Router health (per-expert load, gate entropy, and how often the router itself picks
+the expert being trained) is added to the Trainer's logs, so it reaches TensorBoard and every other `report_to`
+integration.
 
 Resuming: load the model from the checkpoint (`PMoEForCausalLM.from_pretrained(checkpoint)`), build the Trainer with the
 callback, and call `trainer.train(resume_from_checkpoint=checkpoint)`; in one-Trainer-per-task mode, call
@@ -286,10 +289,14 @@ def fit_key_before_training(pmoe_model, index, train_dataloader, args, rows: ran
     expert-free pass. Returns the sequences fitted, or `None` where the training steps fit the key instead: a key
     that already holds statistics (resuming: it is kept as the checkpoint has it, and closed), a layout whose training
     forward reads the features at no extra cost (`expert_layers="deep"`), token routing, learned keys, per-layer
-    routers, an iterable dataset or a model loaded as remote code from a release without `fit_router_key`."""
+    routers, an iterable dataset, DeepSpeed / FSDP (the pass calls the model's layers directly, which would see their
+    sharded parameters) or a model loaded as remote code from a release without `fit_router_key`."""
     config = pmoe_model.config
-    if not (config.expert_layers == "all" and config.routing == "sequence" and config.router_keys_are_fitted
-            and not config.router_per_layer and hasattr(pmoe_model, "fit_router_key")):
+    if args.deepspeed or args.fsdp or not hasattr(pmoe_model, "fit_router_key"):
+        return None
+    if config.expert_layers != "all" or config.routing != "sequence" or not config.router_keys_are_fitted:
+        return None
+    if config.router_per_layer:
         return None
     key = pmoe_model.expert_routers()[0].experts[index]
     if key.count > 0:
@@ -299,7 +306,7 @@ def fit_key_before_training(pmoe_model, index, train_dataloader, args, rows: ran
     if dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
         return None
     rows = range(len(dataset)) if rows is None else rows
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed if args.data_seed is None else args.data_seed)
     sample = [rows[i] for i in torch.randperm(len(rows), generator=generator)[: config.router_fit_sequences].tolist()]
     if not sample:
         return None
