@@ -74,7 +74,8 @@ def paired_medians(functions: dict, device, repeats: int, warmup: int, reference
     medians = {name: statistics.median(values) for name, values in times.items()}
     if reference is None:
         return medians
-    ratios = {name: statistics.median(t / r for t, r in zip(values, times[reference])) for name, values in times.items()}
+    ratios = {name: statistics.median(t / r for t, r in zip(values, times[reference]))
+              for name, values in times.items()}
     return medians, ratios
 
 
@@ -448,7 +449,8 @@ def markdown(results) -> str:
     lines += ["", f"Key fitting (`fit_router_key`, once per task before its first step): "
               f"{fitting['pass_s_per_sequence']:.4f} s per sequence, {fitting['ratio_to_pmoe_step']:.3f}x the time of "
               "a `pmoe` training step on the same sequence"
-              + ("" if sequences is None else f"; over {sequences} sequences: {sequences * fitting['pass_s_per_sequence'] / 60:.1f} minutes")
+              + ("" if sequences is None else
+                 f"; over {sequences} sequences: {sequences * fitting['pass_s_per_sequence'] / 60:.1f} minutes")
               + "."]
     per_task = results["per_task"]
     lines += ["", f"Per task: {per_task['parameters_added']:,} parameters "

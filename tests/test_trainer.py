@@ -64,7 +64,8 @@ class TrainingForwardsOfLayerZero(TrainerCallback):
 
     def __init__(self, model):
         self.model, self.calls, self.key_at_first_step = model, [], None
-        model.model.layers[0].register_forward_hook(lambda module, *_: self.calls.append(1) if module.training else None)
+        layer = model.model.layers[0]
+        layer.register_forward_hook(lambda module, *_: self.calls.append(1) if module.training else None)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.key_at_first_step is None:

@@ -164,8 +164,10 @@ class PMoEGrowthMixin:
                 "by gradient, per-layer routers read features that depend on the experts)."
             )
         expert = self.training_expert if expert is None else expert
-        if expert is None or isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < config.num_experts:
-            raise IndexError(f"fit_router_key needs an expert of this model (it has {config.num_experts}), got {expert!r}.")
+        if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < config.num_experts:
+            raise IndexError(
+                f"fit_router_key needs an expert of this model (it has {config.num_experts}), got {expert!r}."
+            )
         model = self._pmoe_model()
         key = model.routers[0].experts[expert]
         names = ("input_ids", "attention_mask", "labels", "position_ids", "routing_mask")
@@ -174,7 +176,9 @@ class PMoEGrowthMixin:
         try:
             for batch in batches:
                 if not isinstance(batch.get("input_ids"), torch.Tensor):
-                    raise ValueError(f"fit_router_key needs batches with `input_ids` tensors, got keys {sorted(batch)}.")
+                    raise ValueError(
+                        f"fit_router_key needs batches with `input_ids` tensors, got keys {sorted(batch)}."
+                    )
                 features = model._expert_free_routing_features(**{name: batch.get(name) for name in names})
                 key.accumulate(features)
                 fitted += features.shape[0]

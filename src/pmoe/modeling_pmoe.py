@@ -627,7 +627,6 @@ class PMoEGateMixin:
                 )
         return hidden_states
 
-
     @torch.no_grad()
     def _expert_free_routing_features(self, input_ids, attention_mask=None, labels=None, position_ids=None,
                                       routing_mask=None) -> torch.Tensor:
@@ -635,8 +634,8 @@ class PMoEGateMixin:
         where it reads them at inference, without experts: what fitting a key sees (`fit_router_key`). With sequence
         routing, token `labels` mark the prompt (-100) that routes, as in a training forward, and the columns after
         the last routing token are not run (causal attention: they change no routing feature)."""
-        config = self.config
-        if routing_mask is None and labels is not None and labels.shape == input_ids.shape and config.routing == "sequence":
+        token_labels = labels is not None and labels.shape == input_ids.shape
+        if routing_mask is None and token_labels and self.config.routing == "sequence":
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
         if routing_mask is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             routing_mask = attention_mask

@@ -626,7 +626,7 @@ class PMoEContinualCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------- helpers
     def _fit_key(self, pmoe_model, index, train_dataloader, args, rows=None):
-        """The task's router key, fitted before its first step (`fit_key_before_training`), the same on every process."""
+        """The task's router key, fitted before its first step (`fit_key_before_training`), alike on every process."""
         if fit_key_before_training(pmoe_model, index, train_dataloader, args, rows) is not None:
             self._sync_statistics(pmoe_model)
 
