@@ -39,6 +39,8 @@ Plasticity experiments (not in a suite; pass them with --methods):
   pmoe-init-previous    a new task's expert starts as a copy of the previous task's (`new_expert_init="previous"`)
   pmoe-init-nearest     ... of the earlier expert that fits the new task's first batch best, if one beats the base
                         (`new_expert_init="nearest"`)
+  pmoe-keys-in-steps    the router keys fitted inside each task's first steps, not in one pass before them
+                        (`fit_keys_before_training=False`): the same accuracy is expected, at a slower step
 
     python benchmarks/continual.py                          # the main table, 3 seeds
     python benchmarks/continual.py --suite sweeps           # the plasticity sweeps, 3 seeds
@@ -90,11 +92,13 @@ PMOE_OPTIONS = {
     "pmoe-init-previous": {},
     "pmoe-init-nearest": {},
     "pmoe-rank-128": {"expert_rank": 128},
+    "pmoe-keys-in-steps": {},
 }
 CALLBACK_OPTIONS = {  # PMoEContinualCallback arguments of the methods that need them
     "pmoe-merge": {"merge_every_n_steps": 100},
     "pmoe-init-previous": {"new_expert_init": "previous"},
     "pmoe-init-nearest": {"new_expert_init": "nearest"},
+    "pmoe-keys-in-steps": {"fit_keys_before_training": False},  # the key fitted inside the first steps (comparison)
 }
 BASELINES = ["sequential-ft", "sequential-lora", "o-lora", "replay", "multitask", "single-task-lora"]
 SUITES = {

@@ -100,6 +100,16 @@ def test_the_callback_fits_a_tasks_key_before_its_first_step_so_no_step_runs_the
     assert len(probe.calls) == 2
 
 
+def test_the_fitting_pass_can_be_turned_off(tmp_path):
+    model = make_pmoe(router_fit_sequences=10)
+    probe = TrainingForwardsOfLayerZero(model)
+    Trainer(model, training_args(tmp_path), train_dataset=without_task(task_dataset(0)),
+            callbacks=[PMoEContinualCallback(tasks=["task-0"], fit_keys_before_training=False), probe]).train()
+    assert probe.key_at_first_step == (0, False)
+    assert len(probe.calls) == 4 + 3  # the pass ran in the steps until the key had seen 10 sequences (3 steps of 4)
+    assert model.model.routers[0].experts[0].count == 12
+
+
 def test_a_schedule_read_in_random_order_fits_keys_in_the_training_steps(tmp_path):
     # With random sampling the callback cannot tell which examples belong to which task: the steps fit the keys.
     model = make_pmoe()

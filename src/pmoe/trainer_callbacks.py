@@ -394,12 +394,17 @@ class PMoEContinualCallback(TrainerCallback):
             experts (`model.nearest_expert`; checked when training starts; one Trainer per task, fitted keys). Either way
             the model's outputs on earlier tasks do not change at growth (the new key starts unfitted). The picks
             are kept in `callback.started_from` (task -> source expert, `None` for PEFT's init).
+        fit_keys_before_training (`bool`, defaults to `True`): fit each task's router key in one expert-free pass over a
+            sample of `router_fit_sequences` of its examples before its first step (`fit_key_before_training`), so no
+            training step runs that pass. `False`: the training steps fit it on their first `router_fit_sequences`
+            sequences (each step then runs the shallow layers twice), e.g. for a dataset that is slow to index.
     """
 
     def __init__(self, tasks: list[str] | None = None, task_schedule: list[tuple[str, int]] | None = None,
                  log_router: bool = True, distillation_alpha: float | None = None,
                  merge_every_n_steps: int | None = None, merge_method: str = "svd", evaluate_fn=None,
-                 metric_name: str = "accuracy", max_experts: int | None = None, new_expert_init: str = "zero"):
+                 metric_name: str = "accuracy", max_experts: int | None = None, new_expert_init: str = "zero",
+                 fit_keys_before_training: bool = True):
         if tasks is not None and task_schedule is not None:
             raise ValueError("Pass either `tasks` (one Trainer per task) or `task_schedule` (one run), not both.")
         if tasks is not None:
@@ -436,6 +441,7 @@ class PMoEContinualCallback(TrainerCallback):
                 "it with `tasks=` (one Trainer per task), not with task_schedule."
             )
         self.new_expert_init = new_expert_init
+        self.fit_keys_before_training = bool(fit_keys_before_training)
         self._fresh_expert = None  # grown by start_task and not trained yet: "nearest" may still initialise it
         self.started_from = {}  # "nearest": task -> the expert its expert was copied from (None: PEFT's init)
         self.max_experts = max_experts
@@ -627,6 +633,8 @@ class PMoEContinualCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------- helpers
     def _fit_key(self, pmoe_model, index, train_dataloader, args, rows=None):
         """The task's router key, fitted before its first step (`fit_key_before_training`), alike on every process."""
+        if not self.fit_keys_before_training:
+            return
         if fit_key_before_training(pmoe_model, index, train_dataloader, args, rows) is not None:
             self._sync_statistics(pmoe_model)
 
