@@ -184,7 +184,7 @@ class TaskSchedule:
         task, or `train_sampling_strategy="sequential"` as `schedule_from_task_column` asks); `None` otherwise."""
         if len(self.entries) == 1:
             return range(size)
-        if getattr(args, "train_sampling_strategy", "random") != "sequential":
+        if args.train_sampling_strategy != "sequential":
             return None
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
         start = sum(steps for _, steps in self.entries[:position]) * per_step
