@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 from continual import METHODS, PMOE_OPTIONS, results_table, run_method, save_figure, summarize  # noqa: E402
 from pmoe import PMoEForCausalLM  # noqa: E402
+from pmoe.experts_pmoe import screen_is_sure  # noqa: E402
 from pmoe.metrics import continual_metrics, exact_match  # noqa: E402
 
 
@@ -276,43 +277,67 @@ def routing_accuracy(model, tokenizer, data, tasks, max_tokens, batch_size=64):
 
 @torch.no_grad()
 def pooled_router_features(base, tokenizer, examples, routers, max_tokens, batch_size=64):
-    """`{(kind, layer): [n, P] features}`: each example's prompt as the router of that kind, reading the input of that
-    layer, pools it. The default layout routes from an expert-free pass, which is the dense base model: one forward of
-    the base gives every layer's hidden states, so the router kinds and layers are compared on the same pass."""
+    """`{name: [n, P] features}` for `routers` `{name: (router, layer)}`: each example's prompt as that router, reading
+    the input of that layer, pools it. The default layout routes from an expert-free pass, which is the dense base
+    model: one forward of the base gives every layer's hidden states, so the router kinds and layers (and the embedding
+    screen, layer 0) are compared on the same pass."""
     pooled = {name: [] for name in routers}
     for start in range(0, len(examples), batch_size):
         input_ids, attention_mask = left_padded(tokenizer, examples[start : start + batch_size], max_tokens)
         hidden_states = base.model(input_ids=input_ids, attention_mask=attention_mask,
                                    output_hidden_states=True).hidden_states
-        for (kind, layer), router in routers.items():
+        for name, (router, layer) in routers.items():
             features, _ = router.features(hidden_states[layer], attention_mask)
-            pooled[(kind, layer)].append(features[:, 0])
+            pooled[name].append(features[:, 0])
     return {name: torch.cat(chunks) for name, chunks in pooled.items()}
 
 
 @torch.no_grad()
 def routing_only(base, tokenizer, data, tasks, kinds, layers, max_tokens):
     """Per router kind and input layer: grow one expert per task, fit its key on the task's training prompts (what the
-    callback does while training it), then route every task's test prompts. Returns `{label: routing_accuracy}`."""
+    callback does before training it), then route every task's test prompts. Where the model has the embedding screen
+    (`router_screen_margin`), its keys are fitted on the same prompts and a second row routes as the model does: the
+    screen where it is sure, the router otherwise; its `screened` counts the prompts the screen routed. Returns
+    `{label: routing_accuracy}`."""
     models = {}
     for kind in kinds:
         for layer in layers:
             options = {} if layer is None else {"router_input_layer": layer}
             model = PMoEForCausalLM.from_dense(copy.deepcopy(base), router_keys=kind, **options).eval()
             models[(kind, model.config.router_input_layer)] = model
-    routers = {name: model.model.routers[0] for name, model in models.items()}
+    routers = {name: (model.model.routers[0], name[1]) for name, model in models.items()}
+    routers.update({(*name, "screen"): (model.model.screen_router, 0) for name, model in models.items()
+                    if model.model.screen_router is not None})
     features = {task: {split: pooled_router_features(base, tokenizer, data[task][split], routers, max_tokens)
                        for split in ("train", "test")} for task in tasks}
     results = {}
     for (kind, layer), model in models.items():
-        router = routers[(kind, layer)]
+        label = kind if layers == [None] else f"{kind}, layer {layer}"
+        screen = model.model.screen_router
         for task in tasks:
-            router.experts[model.add_expert(task)].accumulate(features[task]["train"][(kind, layer)])
-        per_task = {}
+            index = model.add_expert(task)
+            model.model.routers[0].experts[index].accumulate(features[task]["train"][(kind, layer)])
+            if screen is not None:
+                screen.experts[index].accumulate(features[task]["train"][(kind, layer, "screen")])
+        per_task, per_task_screened = {}, {}
         for index, task in enumerate(tasks):
-            _, gates = router(features[task]["test"][(kind, layer)][:, None])
-            per_task[task] = routing_row(gates[:, 0].argmax(-1).tolist(), index, tasks)
-        results[kind if layers == [None] else f"{kind}, layer {layer}"] = per_task
+            _, gates = model.model.routers[0](features[task]["test"][(kind, layer)][:, None])
+            picks = gates[:, 0].argmax(-1)
+            per_task[task] = routing_row(picks.tolist(), index, tasks)
+            if screen is not None:
+                screen_logits, screen_gates = screen(features[task]["test"][(kind, layer, "screen")][:, None])
+                sure = screen_is_sure(screen_logits[:, 0], model.config.router_screen_margin)
+                picks = torch.where(sure, screen_gates[:, 0].argmax(-1), picks)
+                # How close the screen came to a wrong decision: the largest margin of its wrong top picks.
+                top = screen_logits[:, 0].topk(2, dim=-1) if len(tasks) > 1 else None
+                wrong = top is not None and top.indices[:, 0] != index
+                margins = (top.values[:, 0] - top.values[:, 1])[wrong] if top is not None else torch.zeros(0)
+                per_task_screened[task] = {**routing_row(picks.tolist(), index, tasks),
+                                           "screened": int(sure.sum()), "prompts": len(picks),
+                                           "largest_wrong_margin": float(margins.max()) if len(margins) else None}
+        results[label] = per_task
+        if screen is not None:
+            results[f"{label} + embedding screen"] = per_task_screened
     return results
 
 
@@ -324,11 +349,19 @@ def routing_markdown(results, args):
     for order, by_kind in results.items():
         tasks = list(next(iter(by_kind.values())))
         lines += [f"Order {order}: {', '.join(tasks)}", "",
-                  "| keys | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+                  "| keys | " + " | ".join(tasks) + " | mean | routed by the embedding screen |",
+                  "|---|" + "---|" * (len(tasks) + 2)]
         for kind, per_task in by_kind.items():
             values = [100 * per_task[t]["accuracy"] for t in tasks]
+            screened = "-"
+            if "screened" in per_task[tasks[0]]:
+                share = sum(per_task[t]["screened"] for t in tasks) / sum(per_task[t]["prompts"] for t in tasks)
+                margins = [per_task[t]["largest_wrong_margin"] for t in tasks
+                           if per_task[t]["largest_wrong_margin"] is not None]
+                screened = f"{100 * share:.1f}% of the prompts" + (
+                    f" (its wrong top picks: margins up to {max(margins):.1f})" if margins else "")
             lines.append(f"| {kind} | " + " | ".join(f"{v:.1f}" for v in values)
-                         + f" | {statistics.mean(values):.1f} |")
+                         + f" | {statistics.mean(values):.1f} | {screened} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -7,8 +7,9 @@ layer with the same rank and targets, and full fine-tuning.
 - prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache;
   the median step, Llama and the model taking turns at every step):
   PMoE with 1, 8 and 50 experts with default settings, the prompt routed as real prompts are (keys fitted on
-  distinct synthetic tasks: the router picks one expert), and the worst case (identical keys: every expert gets an
-  equal gate and is computed), against Llama;
+  distinct synthetic tasks: the router picks one expert, and with experts in every layer the embedding screen is
+  sure of it), the worst case (identical keys: every expert gets an equal gate and is computed), and with experts in
+  every layer a prompt the screen leaves to the boundary router (`-unscreened`), against Llama;
 - one training step (forward + backward + AdamW step): PMoE training its newest expert as the Trainer callback trains
   it (`pmoe`: the task's key was fitted in one pass before its first step, so no step runs the expert-free pass;
   `pmoe-fitting-in-steps`: a training loop without the callback, whose first `router_fit_sequences` sequences fit the
@@ -129,13 +130,15 @@ def task_tokens(shape, task: int, sequences: int, length: int, seed: int) -> tor
 
 
 @torch.no_grad()
-def task_features(llama, shape, num_tasks: int, router_input_layer: int) -> list[torch.Tensor]:
-    """Per task, the hidden states its training prompts give at the router's input: what fitting its key sees (the
-    expert-free model is the Llama, same weights)."""
-    features = []
+def task_features(llama, shape, num_tasks: int, router_input_layer: int) -> dict[int, list[torch.Tensor]]:
+    """Per task, the hidden states its training prompts give at the router's input and at the token embeddings (the
+    embedding screen's input): what fitting its keys sees (the expert-free model is the Llama, same weights)."""
+    features = {0: [], router_input_layer: []}
     for task in range(num_tasks):
         input_ids = task_tokens(shape, task, 4, 128, seed=1).to(llama.device)
-        features.append(llama(input_ids=input_ids, output_hidden_states=True).hidden_states[router_input_layer])
+        hidden_states = llama(input_ids=input_ids, output_hidden_states=True).hidden_states
+        for layer in features:
+            features[layer].append(hidden_states[layer])
     return features
 
 
@@ -150,22 +153,26 @@ def make_pmoe(llama, shape, num_experts, routed: bool, features=None, **options)
     generator = torch.Generator().manual_seed(1)
     for index in range(num_experts):
         model.add_expert(f"task-{index}")
-    router = model.model.routers[0]
+    # The router at its input layer and, when the model has one, the embedding screen at the token embeddings.
+    routers = {model.config.router_input_layer: model.model.routers[0]}
+    if model.model.screen_router is not None:
+        routers[0] = model.model.screen_router
     with torch.no_grad():
         for module in model.expert_modules():
             for expert in module.experts:
                 for tensor in (expert.lora_A, expert.lora_B):
                     tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor) * 0.01)
-        for index, entry in enumerate(router.experts):
-            if routed:
-                pooled, _ = router.features(features[index], None)
-                entry.accumulate(pooled.reshape(-1, pooled.shape[-1]))
-            else:
-                entry.count.fill_(100.0)
-                if entry.kind == "lda":
-                    entry.feature_outer_sum.copy_(100.0 * torch.eye(entry.feature_outer_sum.shape[0]))
+        for layer, router in routers.items():
+            for index, entry in enumerate(router.experts):
+                if routed:
+                    pooled, _ = router.features(features[layer][index], None)
+                    entry.accumulate(pooled.reshape(-1, pooled.shape[-1]))
                 else:
-                    entry.feature_sq_sum.fill_(100.0)
+                    entry.count.fill_(100.0)
+                    if entry.kind == "lda":
+                        entry.feature_outer_sum.copy_(100.0 * torch.eye(entry.feature_outer_sum.shape[0]))
+                    else:
+                        entry.feature_sq_sum.fill_(100.0)
     model.training_expert = None
     return model
 
@@ -335,10 +342,11 @@ def main():
     llama_prefill = prefill_fn(llama, input_ids)
     features = task_features(llama, shape, max(shape["experts"]), router_input_layer(shape))
     # (number of experts, routed, PMoE options): the default at 1 / 8 / 50 experts, the worst case, and with experts in
-    # every layer the router reading the embeddings (`router_input_layer=0`: no expert-free pass at prefill).
+    # every layer a prompt the embedding screen leaves to the boundary router (`router_screen_margin=None`: what every
+    # prompt cost before the screen, and what a prompt the screen is not sure of costs).
     cases = [(n, True, {}) for n in shape["experts"]] + [(n, False, {}) for n in shape["experts"] if n > 1]
     if shape["expert_layers"] == "all":
-        cases.append((shape["experts"][1], True, {"router_input_layer": 0}))
+        cases.append((shape["experts"][1], True, {"router_screen_margin": None}))
     def time_inference(name, model, sequence_routing, **row):
         prefill, prefill_ratios = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
                                                  device, args.repeats, args.warmup, reference="llama")
@@ -354,15 +362,18 @@ def main():
 
     # The LoRA peer, unmerged (as a served adapter runs): what one LoRA on these targets costs without any routing.
     time_inference("peft-lora", build_training_model("peft-lora-all-layers", shape, device, dtype).eval(), False,
-                   experts=None, experts_used=None, prefill_peak_bytes=None)
+                   experts=None, experts_used=None, prefill_peak_bytes=None, expert_free_pass=None)
     for num_experts, routed, options in cases:
-        case_features = task_features(llama, shape, num_experts, 0) if options else features
-        model = make_pmoe(llama, shape, num_experts, routed, case_features, **options)
-        name = f"pmoe-{num_experts}" + ("" if routed else "-all") + ("-router-layer0" if options else "")
+        model = make_pmoe(llama, shape, num_experts, routed, features, **options)
+        name = f"pmoe-{num_experts}" + ("" if routed else "-all") + ("-unscreened" if options else "")
+        layer_zero_calls = []  # two forwards of layer 0 in a prefill: the expert-free pass ran
+        hook = model.model.layers[0].register_forward_hook(lambda *args: layer_zero_calls.append(1))
         with torch.no_grad():
             used = int((model(input_ids=input_ids).routing_weights > 0).sum())
+        hook.remove()
         memory = None if options else peak_memory_of(f"prefill:{num_experts}-{'routed' if routed else 'all'}", args)
-        time_inference(name, model, True, experts=num_experts, experts_used=used, prefill_peak_bytes=memory)
+        time_inference(name, model, True, experts=num_experts, experts_used=used, prefill_peak_bytes=memory,
+                       expert_free_pass=len(layer_zero_calls) > 1)
         del model
         gc.collect()
     results["llama_prefill_peak_bytes"] = peak_memory_of("prefill:llama", args)
@@ -418,25 +429,32 @@ def markdown(results) -> str:
         f"({results['training_repeats']} for training); prefill and training ratios are the median of the runs' ratios "
         "to the peer timed alongside (the same-weights Llama, PEFT LoRA for training). `peft-lora`: PEFT LoRA on the same targets, "
         "unmerged (as a served adapter runs). PMoE with default settings (sequence routing, LDA "
-        f"keys, router reading the input of layer {router_input_layer(shape)}, `router_min_gate` 0.01). `pmoe-N`: N "
+        f"keys, router reading the input of layer {router_input_layer(shape)}, `router_min_gate` 0.01"
+        + (", the embedding screen at `router_screen_margin` 20" if shape["expert_layers"] == "all" else "")
+        + "). `pmoe-N`: N "
         "experts whose keys were fitted on N synthetic tasks (each its own slice of the vocabulary) and a prompt of "
-        "task 0, so the router picks one expert, as it does for 99-100% of the real-text benchmark's prompts; "
-        "`pmoe-N-all`: N identical keys, so every expert gets an equal gate and is computed (the worst case); "
-        "`-router-layer0`: `router_input_layer=0`, the router reads the token embeddings (no expert-free pass). "
+        "task 0, so the router picks one expert, as it does for 99-100% of the real-text benchmark's prompts"
+        + (" (and the embedding screen is sure of it, so prefill skips the expert-free pass)"
+           if shape["expert_layers"] == "all" else "") + "; "
+        "`pmoe-N-all`: N identical keys, so every expert gets an equal gate and is computed (the worst case; the "
+        "screen is not sure); `-unscreened`: `router_screen_margin=None`, the expert-free pass at every prefill: what "
+        "a prompt the screen is not sure of costs (about half of the real-text benchmark's prompts). "
         "Training: `pmoe` trains as the Trainer callback trains a task (its key fitted in one pass before the first "
         "step, so no step runs the expert-free pass); `pmoe-fitting-in-steps`: a loop without the callback, whose first "
         "`router_fit_sequences` sequences fit the key inside the steps.",
         "",
-        "| model | experts used | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | experts used | expert-free pass | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak "
+        "memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     first = next(iter(inference.values()))  # (every row carries the Llama timed alongside it)
-    lines.append(f"| llama | - | {first['llama_prefill_s']:.4f} | 1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | "
+    lines.append(f"| llama | - | - | {first['llama_prefill_s']:.4f} | 1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | "
                  f"1.000 | {mib(results.get('llama_prefill_peak_bytes'))} |")
     for name, row in inference.items():
         used = "-" if row["experts"] is None else f"{row['experts_used']} of {row['experts']}"
+        ran = {None: "-", True: "yes", False: "no"}[row.get("expert_free_pass")]
         lines.append(
-            f"| {name} | {used} | {row['prefill_s']:.4f} | {row['prefill_ratio']:.3f} | "
+            f"| {name} | {used} | {ran} | {row['prefill_s']:.4f} | {row['prefill_ratio']:.3f} | "
             f"{1000 * row['decode_s_per_token']:.2f} | {row['decode_ratio']:.3f} | {mib(row['prefill_peak_bytes'])} |"
         )
     lines += ["", "| training step | seconds | x PEFT LoRA | trainable parameters | step peak memory (MiB) |",

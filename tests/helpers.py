@@ -238,3 +238,18 @@ def grown_pmoe(num_experts=2, **overrides):
     randomize_experts(model, indices=range(num_experts - 1))
     model.training_expert = num_experts - 1
     return model
+
+
+def screened_model(tasks=3, **overrides):
+    """Experts on the toy tasks (each prompt draws from its task's own tokens), LoRA weights as if trained, both keys
+    of every expert fitted by `fit_router_key` on the task's batches, as the Trainer callback fits them."""
+    model = make_pmoe(**overrides)
+    for task in range(tasks):
+        model.add_expert(f"task-{task}")
+        randomize_experts(model, indices=[task], seed=task + 3)
+        for statistic in model.model.routers[0].experts[task].statistics:  # keys only from the task's own prompts
+            getattr(model.model.routers[0].experts[task], statistic).zero_()
+        model.fit_router_key(
+            [{"input_ids": ids, "labels": labels} for ids, labels in (task_batch(task, seed=s) for s in range(4))]
+        )
+    return model.eval()

@@ -7,7 +7,7 @@ build, which takes about a minute on 2 cores; `benchmarks/compile_check.py` runs
 import torch
 import torch._dynamo
 
-from helpers import make_pmoe, padded_batch, randomize_experts
+from helpers import make_pmoe, padded_batch, randomize_experts, screened_model, task_batch
 from pmoe.modeling_pmoe import CACHE_KWARG
 
 
@@ -36,10 +36,25 @@ def test_compiled_forward_gives_the_eager_logits_and_breaks_only_where_routing_r
         assert torch.equal(compiled_step.routing_weights, eager.routing_weights)
     assert explanation.break_reasons
     def at_routing(reason):
-        return reason.user_stack[-1].name == "active_expert_indices" or "lda_weights" in str(reason.reason)
+        # (and the embedding screen: whether its keys are complete, and whether it routed every row)
+        return (reason.user_stack[-1].name in ("active_expert_indices", "_gate_before_layers")
+                or any(name in str(reason.reason) for name in ("lda_weights", "_screen_is_complete")))
 
     assert all(at_routing(reason) for reason in explanation.break_reasons), [
         (str(reason.reason)[:300], [f"{frame.name}:{frame.lineno}" for frame in reason.user_stack])
         for reason in explanation.break_reasons
     ]
+    torch._dynamo.reset()
+
+
+def test_a_prompt_the_screen_routes_compiles_to_the_eager_logits():
+    model = screened_model()
+    input_ids = task_batch(1, seed=99)[0][:, :8]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        eager = model(input_ids=input_ids)
+        out = compiled(input_ids=input_ids)
+    torch.testing.assert_close(out.logits, eager.logits)
+    assert torch.equal(out.routing_weights, eager.routing_weights) and (eager.routing_weights.argmax(-1) == 1).all()
     torch._dynamo.reset()

@@ -45,7 +45,8 @@ def test_a_fresh_model_is_a_plain_trainable_transformers_model(keys):
             assert all(torch.count_nonzero(tensor) == 0 for tensor in [*entry.parameters(), *entry.buffers()])
 
 
-@pytest.mark.parametrize("keys, router_tensors", [("learned", 2), ("gaussian", 3), ("lda", 3)])
+# LDA keys: 3 statistics in the boundary router and 3 in the embedding screen's.
+@pytest.mark.parametrize("keys, router_tensors", [("learned", 2), ("gaussian", 3), ("lda", 6)])
 def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, router_tensors):
     # from_pretrained builds on the meta device and materialises what the checkpoint lacks via _init_weights.
     config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)
@@ -65,7 +66,7 @@ def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, rou
         if name.startswith("model.embed_tokens.experts."):  # PEFT's embedding init: A zero, B normal
             assert (torch.count_nonzero(param) == 0) == name.endswith("lora_A"), name
             continue
-        if name.endswith("lora_B") or ".routers." in name:
+        if name.endswith("lora_B") or ".routers." in name or ".screen_router." in name:
             assert torch.count_nonzero(param) == 0, name
         if name.endswith("lora_A"):
             assert param.abs().max() > 0, name

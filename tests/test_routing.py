@@ -5,7 +5,7 @@ import torch
 
 from pmoe import PMoEForCausalLM
 
-from helpers import fit_task, make_dense, make_pmoe, padded_batch, randomize_experts, task_batch
+from helpers import fit_task, make_dense, make_pmoe, padded_batch, randomize_experts, screened_model, task_batch
 
 
 def routed_expert(model, task, seed=99, batch=8):
@@ -305,3 +305,98 @@ def test_an_old_tasks_outputs_stay_bit_identical_when_a_new_task_is_fitted():
         after = model(input_ids=prompts)
     assert torch.equal(after.routing_weights[:, 0], torch.ones(8)) and not after.routing_weights[:, 1].any()
     assert torch.equal(before.logits, after.logits)
+
+
+# ------------------------------------------------------------------ the embedding screen (router_screen_margin)
+def without_screen(model):
+    """The same model, weights and keys, with `router_screen_margin=None` (no screen)."""
+    config = model.config
+    copy = make_pmoe(router_keys=config.router_keys, router_screen_margin=None, num_experts=config.num_experts,
+                     expert_tasks=config.expert_tasks)
+    copy.load_state_dict({k: v for k, v in model.state_dict().items() if "screen_router" not in k})
+    return copy
+
+
+def test_the_screen_routes_a_sure_prompt_without_the_pass_and_changes_no_output():
+    screened = screened_model()
+    unscreened = without_screen(screened)
+    for task in range(3):
+        screen, key = screened.model.screen_router.experts[task], screened.model.routers[0].experts[task]
+        assert screen.count == key.count == 32  # fitted on the same sequences
+    calls = shallow_calls(screened)
+    with torch.no_grad():
+        for task in range(3):
+            prompts = task_batch(task, seed=99)[0][:, :8]
+            calls.clear()
+            out = screened(input_ids=prompts)
+            assert len(calls) == 1  # only the model's own forward of layer 0: no expert-free pass
+            reference = unscreened(input_ids=prompts)
+            assert (out.routing_weights.argmax(-1) == task).all()
+            assert torch.equal(out.routing_weights, reference.routing_weights)  # one expert at gate 1 either way
+            assert torch.equal(out.logits, reference.logits)
+            screened.config.router_screen_margin = None  # the screen off: the pass runs
+            calls.clear()
+            assert torch.equal(screened(input_ids=prompts).logits, reference.logits) and len(calls) == 2
+            screened.config.router_screen_margin = 20.0
+
+
+def test_an_unsure_row_takes_the_pass_and_every_row_keeps_its_own_gate():
+    model = screened_model()
+    sure = task_batch(0, seed=99, batch=1)[0][:, :8]
+    unsure = torch.cat([task_batch(1, seed=98, batch=1)[0][:, :4], task_batch(2, seed=98, batch=1)[0][:, :4]], dim=1)
+    screen = model.model._screen_gates(model.model.embed_tokens(torch.cat([sure, unsure])), None)
+    assert screen[0].tolist() == [True, False]  # two tasks' tokens: the screen is not sure
+    calls = shallow_calls(model)
+    with torch.no_grad():
+        both = model(input_ids=torch.cat([sure, unsure]))
+        assert len(calls) == 2  # the pass ran, for the batch
+        for row, prompt in enumerate((sure, unsure)):
+            alone = model(input_ids=prompt)
+            assert torch.equal(both.routing_weights[row], alone.routing_weights[0])
+            torch.testing.assert_close(both.logits[row], alone.logits[0])
+        model.config.router_screen_margin = None
+        assert torch.equal(model(input_ids=unsure).routing_weights, both.routing_weights[1:])  # the boundary's gate
+
+
+def test_the_screen_stays_off_until_every_fitted_expert_has_a_screen_key():
+    # A checkpoint saved before the screen has none of its keys; a task trained after it fits only its own.
+    model = screened_model()
+    reference = without_screen(model)
+    for statistic in model.model.screen_router.experts[0].statistics:
+        getattr(model.model.screen_router.experts[0], statistic).zero_()
+    calls = shallow_calls(model)
+    with torch.no_grad():
+        for task in range(3):
+            prompts = task_batch(task, seed=99)[0][:, :8]
+            calls.clear()
+            assert torch.equal(model(input_ids=prompts).logits, reference(input_ids=prompts).logits)
+            assert len(calls) == 2
+
+
+def test_training_forwards_fit_the_screen_key_with_the_boundary_key_and_growth_merging_keep_it_in_step():
+    model = make_pmoe(router_fit_sequences=16)
+    model.add_expert("a")
+    model.train()
+    for seed in range(3):  # 8, 16 (enough), then no more
+        input_ids, labels = task_batch(0, seed=seed)
+        model(input_ids=input_ids, labels=labels)
+    assert model.model.screen_router.experts[0].count == model.model.routers[0].experts[0].count == 16
+    model.add_expert("b")
+    fit_task(model, 1, 1)
+    model.add_expert("c")
+    assert len(model.model.screen_router.experts) == 3 and model.model.screen_router.experts[2].count == 0
+    expected = model.model.screen_router.experts[0].count + model.model.screen_router.experts[1].count
+    first, second, target = model.merge_experts(sources=(0, 1), target=0)
+    assert model.model.screen_router.experts[target].count == expected
+    model.remove_expert(1)
+    assert len(model.model.screen_router.experts) == len(model.model.routers[0].experts) == 2
+
+
+def test_no_screen_where_the_pass_is_not_run():
+    assert make_pmoe(expert_layers="deep").model.screen_router is None
+    assert make_pmoe(router_input_layer=0).model.screen_router is None
+    assert make_pmoe(router_keys="learned").model.screen_router is None
+    assert make_pmoe(router_keys="gaussian").model.screen_router is None
+    assert make_pmoe(router_screen_margin=None).model.screen_router is None
+    with pytest.raises(ValueError, match=r"router_screen_margin must be None \(no screen\) or a finite number > 0"):
+        make_pmoe(router_screen_margin=0)

@@ -599,6 +599,15 @@ def route(logits: torch.Tensor, activation: str, top_k: int | None, min_gate: fl
     return torch.sigmoid(logits)
 
 
+def screen_is_sure(logits: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per row of screen logits `[B, E]`: whether the best expert scores at least `margin` above the runner-up (an
+    unfitted runner-up scores `-inf`: sure; no fitted expert: not sure)."""
+    top = logits.topk(min(2, logits.shape[-1]), dim=-1).values
+    best = top[:, 0]
+    runner_up = top[:, 1] if top.shape[-1] > 1 else torch.full_like(best, float("-inf"))
+    return (best - runner_up >= margin) & best.isfinite()
+
+
 def expert_choice_route(
     logits: torch.Tensor, activation: str, capacity: int | float | None, token_mask: torch.Tensor | None
 ) -> torch.Tensor:

@@ -63,7 +63,14 @@ class PMoEGrowthMixin:
         return [module for module in self.modules() if isinstance(module, PMoEExperts) and module.with_experts]
 
     def expert_routers(self) -> list[PMoERouter]:
+        """The routers whose gates drive the experts (one, or one per deep layer); not the embedding screen."""
         return list(self._pmoe_model().routers)
+
+    def _routers_with_keys(self) -> list[PMoERouter]:
+        """Every router holding a key per expert: `expert_routers()` and the embedding screen, if any (growth, merging
+        and removal change them alike)."""
+        screen = self._pmoe_model().screen_router
+        return self.expert_routers() + ([] if screen is None else [screen])
 
     def expert_parameters(self, index: int) -> dict[str, nn.Parameter]:
         """The parameters of expert `index`: its LoRA A/B in every target of the expert layers, and its learned router
@@ -170,6 +177,7 @@ class PMoEGrowthMixin:
             )
         model = self._pmoe_model()
         key = model.routers[0].experts[expert]
+        screen_key = None if model.screen_router is None else model.screen_router.experts[expert]
         names = ("input_ids", "attention_mask", "labels", "position_ids", "routing_mask")
         was_training, fitted = self.training, 0
         self.eval()
@@ -179,8 +187,12 @@ class PMoEGrowthMixin:
                     raise ValueError(
                         f"fit_router_key needs batches with `input_ids` tensors, got keys {sorted(batch)}."
                     )
-                features = model._expert_free_routing_features(**{name: batch.get(name) for name in names})
+                features, screen_features = model._expert_free_routing_features(
+                    **{name: batch.get(name) for name in names}
+                )
                 key.accumulate(features)
+                if screen_key is not None:  # the embedding screen's key, on the same sequences
+                    screen_key.accumulate(screen_features)
                 fitted += features.shape[0]
                 # The router logs (load, entropy, agreement) see what the router decides with the key fitted so far,
                 # as they did when training forwards fitted it.
@@ -219,7 +231,7 @@ class PMoEGrowthMixin:
         for module in self.expert_modules():
             module.grow_expert()
         reference = self.get_input_embeddings().weight
-        for router in self.expert_routers():
+        for router in self._routers_with_keys():
             router.add_key(reference.device, reference.dtype)
         config.num_experts = index + 1
         config.expert_tasks = [*config.expert_tasks, task_name]
@@ -261,7 +273,7 @@ class PMoEGrowthMixin:
                                              target)
         for module in self.expert_modules():
             merge_lora_experts(module, first, second, target, method)
-        for router in self.expert_routers():
+        for router in self._routers_with_keys():
             merge_router_keys(router, first, second, target)
         tasks, steps = list(config.expert_tasks), list(config.expert_train_steps)
         tasks[target] = f"{tasks[first]}+{tasks[second]}"
@@ -279,7 +291,7 @@ class PMoEGrowthMixin:
         for module in self.expert_modules():
             del module.experts[index]
             module.__dict__.pop("_concat_cache", None)
-        for router in self.expert_routers():
+        for router in self._routers_with_keys():
             del router.experts[index]
             router.usage = torch.cat([router.usage[:index], router.usage[index + 1 :]])
             router._log_stats = None

@@ -89,6 +89,12 @@ def missing_tensor_problems(model, missing_keys) -> list[str]:
     # checkpoints from before expert merging lack (zero, as in a fresh model).
     missing -= {name for name in missing if name.split(".")[0] in model._trainable_task_heads}
     missing -= {name for name in missing if name.endswith(".usage") and "routers" in name.split(".")}
+    # The embedding screen, which checkpoints from before it lack entirely: its keys stay unfitted, which keeps the
+    # screen off (every prompt takes the expert-free pass, as when the checkpoint was saved).
+    is_screen = lambda name: "screen_router" in name.split(".")  # noqa: E731
+    screen_missing = {name for name in missing if is_screen(name)}
+    screen_saved = not screen_missing or screen_missing != {name for name in model.state_dict() if is_screen(name)}
+    missing -= set() if screen_saved else screen_missing
     missing_by_expert = {}
     for name in missing:
         index = expert_index_of(name)
@@ -96,7 +102,8 @@ def missing_tensor_problems(model, missing_keys) -> list[str]:
             missing_by_expert.setdefault(index, []).append(name)
     for index, names in sorted(missing_by_expert.items()):
         task = config.expert_tasks[index] if index < len(config.expert_tasks) else None
-        total = len(model.expert_tensors(index)) if index < config.num_experts else len(names)
+        total = len([name for name in model.expert_tensors(index) if screen_saved or not is_screen(name)]
+                    if index < config.num_experts else names)
         if len(names) == total:
             problems.append(
                 f"expert {index} ({task!r}) is in config.json but none of its {total} tensors is in the weights "
@@ -141,7 +148,7 @@ def unexpected_tensor_problems(config, unexpected_keys) -> list[str]:
 def mismatched_shape_problems(config, mismatched_keys, ignore_mismatched_sizes: bool) -> list[str]:
     shapes_by_cause = {}
     for name, saved, built in sorted(mismatched_keys, key=lambda item: item[0]):
-        is_pmoe_tensor = expert_index_of(name) is not None or "routers" in name.split(".")
+        is_pmoe_tensor = expert_index_of(name) is not None or {"routers", "screen_router"} & set(name.split("."))
         if ignore_mismatched_sizes and not is_pmoe_tensor:
             continue  # the caller asked transformers to re-initialise base weights of another shape
         saved, built = list(saved), list(built)

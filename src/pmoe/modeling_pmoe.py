@@ -63,6 +63,7 @@ from .experts_pmoe import (
     expert_index_of,
     expert_gate_inputs,
     route,
+    screen_is_sure,
 )
 from .growth_pmoe import PMoEGrowthMixin
 from .loading_pmoe import check_loaded_weights, load_from_safetensors
@@ -506,9 +507,56 @@ class PMoEGateMixin:
             return None, ()
         if self._key_is_fitted(needs_router_logits):
             return self._training_gate(inputs_embeds, sequence_ids), ()
+        screened = None
+        if self.screen_router is not None:
+            if self.training:
+                self._fit_screen_key(inputs_embeds, routing_mask, sequence_ids)
+            elif not needs_router_logits and sequence_ids is None and config.router_screen_margin is not None:
+                screened = self._screen_gates(inputs_embeds, routing_mask)
+                if screened is not None and bool(screened[0].all()):  # every row routed: no pass to run
+                    return screened[1].to(inputs_embeds.dtype), ()
         boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
         gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
+        if screened is not None:  # a row's gate never depends on the other rows of its batch
+            gates = torch.where(screened[0][:, None, None], screened[1].to(gates.dtype), gates)
         return gates, (logits.reshape(-1, logits.shape[-1]),)
+
+    def _screen_gates(self, inputs_embeds, routing_mask) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The embedding screen's decision: `(screened [B] bool, gates [B, 1, E])`, a row screened where the screen's best
+        expert scores at least `router_screen_margin` above the runner-up; `None` until every expert with a fitted
+        boundary key has a fitted screen key (a partly fitted screen would send every prompt to its few keys)."""
+        screen = self.screen_router
+        if not self._screen_is_complete():
+            return None
+        if routing_mask is not None and routing_mask.shape[1] != inputs_embeds.shape[1]:
+            routing_mask = routing_mask[:, -inputs_embeds.shape[1] :]
+        features, real = screen.features(inputs_embeds, routing_mask)
+        logits, gates = screen(features, routing_mask)
+        screened = screen_is_sure(logits[:, 0], self.config.router_screen_margin)
+        return (screened if real is None else screened & real[:, 0]), gates
+
+    @torch.compiler.disable  # eager, as `PMoERouter.lda_weights`: a cache keyed on tensor version counters
+    def _screen_is_complete(self) -> bool:
+        """Every expert's screen key is fitted exactly where its boundary key is (cached on the counts' versions)."""
+        pairs = [(screen_key.count, key.count) for screen_key, key in zip(self.screen_router.experts,
+                                                                            self.routers[0].experts)]
+        version = tuple((t.data_ptr(), t._version) for pair in pairs for t in pair)
+        cached = self.__dict__.get("_screen_complete")
+        if cached is None or cached[0] != version:
+            complete = bool(pairs) and all(bool((screen > 0) == (key > 0)) for screen, key in pairs)
+            self.__dict__["_screen_complete"] = cached = (version, complete)
+        return cached[1]
+
+    def _fit_screen_key(self, inputs_embeds, routing_mask, sequence_ids):
+        """Training with the expert-free pass (the boundary key of the trained expert is still open): fit the trained
+        expert's screen key on the same sequences, from the token embeddings."""
+        expert = self._training_expert
+        if expert is None or self.routers[0].experts[expert].is_fitted(self.config.router_fit_sequences):
+            return
+        with torch.no_grad():
+            features, real = self.screen_router.features(inputs_embeds, routing_mask, sequence_ids)
+            features = features.reshape(-1, features.shape[-1])
+            self.screen_router.experts[expert].accumulate(features if real is None else features[real.reshape(-1)])
 
     def _routes_before(self, layer_idx: int, gates: torch.Tensor | None) -> bool:
         """Whether a router reads the input of layer `layer_idx` (no gate yet at `router_input_layer`, or one router
@@ -629,9 +677,10 @@ class PMoEGateMixin:
 
     @torch.no_grad()
     def _expert_free_routing_features(self, input_ids, attention_mask=None, labels=None, position_ids=None,
-                                      routing_mask=None) -> torch.Tensor:
+                                      routing_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first router's features `[n, P]` of a batch's real sequences (real tokens, with token routing), read
-        where it reads them at inference, without experts: what fitting a key sees (`fit_router_key`). With sequence
+        where it reads them at inference, without experts, and the embedding screen's (`None` without one): what
+        fitting a key sees (`fit_router_key`). With sequence
         routing, token `labels` mark the prompt (-100) that routes, as in a training forward, and the columns after
         the last routing token are not run (causal attention: they change no routing feature)."""
         token_labels = labels is not None and labels.shape == input_ids.shape
@@ -652,9 +701,13 @@ class PMoEGateMixin:
         layer_kwargs = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
                             position_ids=position_ids)
         boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
-        features, real = self.routers[0].features(boundary, routing_mask, sequence_ids)
-        features = features.reshape(-1, features.shape[-1])
-        return features if real is None else features[real.reshape(-1)]
+        routers = [self.routers[0]] + ([self.screen_router] if self.screen_router is not None else [])
+        per_router = []
+        for router, hidden_states in zip(routers, (boundary, inputs_embeds)):
+            features, real = router.features(hidden_states, routing_mask, sequence_ids)
+            features = features.reshape(-1, features.shape[-1])
+            per_router.append(features if real is None else features[real.reshape(-1)])
+        return per_router[0], (per_router[1] if len(per_router) > 1 else None)
 
 
 class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
@@ -671,6 +724,9 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
         )
         num_routers = len(config.deep_layer_indices) if config.router_per_layer else 1
         self.routers = nn.ModuleList([PMoERouter(config) for _ in range(num_routers)])
+        # The embedding screen (`router_screen_margin`): a router on the token embeddings that routes a prompt alone
+        # when it is sure, so prefill skips the expert-free pass.
+        self.screen_router = PMoERouter(config) if config.uses_router_screen else None
         self.norm = PMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = PMoERotaryEmbedding(config=config)
         self.has_sliding_layers = "sliding_attention" in config.layer_types
@@ -890,7 +946,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         )
         missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
         # PMoE-only tensors: the routers (usage counts, the LDA projection), built as a fresh model has them.
-        missing = [name for name in missing if "routers" not in name.split(".")]
+        missing = [name for name in missing if not {"routers", "screen_router"} & set(name.split("."))]
         if missing or unexpected:
             raise ValueError(
                 f"Converting {type(dense).__name__} to PMoE: weights do not line up (missing {missing}, "
