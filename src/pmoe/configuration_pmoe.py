@@ -165,7 +165,7 @@ class PMoEConfig(PreTrainedConfig):
       boundary router's, task by task (the screen's wrong picks scored margins up to 9.4; README, "Where the router
       reads"). Prompts of tasks that share an instruction and a vocabulary are left to the boundary; a batch skips the
       pass only if every row is screened. Not with Gaussian keys: their diagonal log-likelihoods on the embeddings are
-      overconfident (on the same benchmark a screen at 20 lost 2 points of routing). It does not apply while training, when router logits are asked for (distillation,
+      overconfident (a trial on the same benchmark routed worse at the same margin). It does not apply while training, when router logits are asked for (distillation,
       `output_router_logits`), or until every expert with a fitted boundary key has a screen key (checkpoints saved
       before the screen have none: they always take the pass). `None`: no screen.
     - `router_aux_loss_coef` (`float`, defaults to 0.0): weight of the load-balancing loss (Switch / Mixtral) added to

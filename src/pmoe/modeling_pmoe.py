@@ -511,7 +511,8 @@ class PMoEGateMixin:
         if self.screen_router is not None:
             if self.training:
                 self._fit_screen_key(inputs_embeds, routing_mask, sequence_ids)
-            elif not needs_router_logits and sequence_ids is None and config.router_screen_margin is not None:
+            elif (not needs_router_logits and sequence_ids is None and config.router_screen_margin is not None
+                  and not (isinstance(attention_mask, dict) and routing_mask is None)):  # (the pass raises for it)
                 screened = self._screen_gates(inputs_embeds, routing_mask)
                 if screened is not None and bool(screened[0].all()):  # every row routed: no pass to run
                     return screened[1].to(inputs_embeds.dtype), ()
@@ -680,9 +681,9 @@ class PMoEGateMixin:
                                       routing_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The first router's features `[n, P]` of a batch's real sequences (real tokens, with token routing), read
         where it reads them at inference, without experts, and the embedding screen's (`None` without one): what
-        fitting a key sees (`fit_router_key`). With sequence
-        routing, token `labels` mark the prompt (-100) that routes, as in a training forward, and the columns after
-        the last routing token are not run (causal attention: they change no routing feature)."""
+        fitting a key sees (`fit_router_key`). With sequence routing, token `labels` mark the prompt (-100) that
+        routes, as in a training forward, and the columns after the last routing token are not run (causal attention:
+        they change no routing feature)."""
         token_labels = labels is not None and labels.shape == input_ids.shape
         if routing_mask is None and token_labels and self.config.routing == "sequence":
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
