@@ -340,20 +340,30 @@ def test_the_screen_routes_a_sure_prompt_without_the_pass_and_changes_no_output(
             screened.config.router_screen_margin = 20.0
 
 
-def test_an_unsure_row_takes_the_pass_and_every_row_keeps_its_own_gate():
+def test_only_the_unsure_rows_take_the_pass_and_every_row_keeps_its_own_gate():
     model = screened_model()
     sure = task_batch(0, seed=99, batch=1)[0][:, :8]
     unsure = torch.cat([task_batch(1, seed=98, batch=1)[0][:, :4], task_batch(2, seed=98, batch=1)[0][:, :4]], dim=1)
     screen = model.model._screen_gates(model.model.embed_tokens(torch.cat([sure, unsure])), None)
     assert screen[0].tolist() == [True, False]  # two tasks' tokens: the screen is not sure
-    calls = shallow_calls(model)
+    rows_seen = []  # the batch size of each forward of layer 0
+    model.model.layers[0].register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0]))
     with torch.no_grad():
         both = model(input_ids=torch.cat([sure, unsure]))
-        assert len(calls) == 2  # the pass ran, for the batch
+        assert rows_seen == [1, 2]  # the expert-free pass for the unsure row only, then the model's forward
         for row, prompt in enumerate((sure, unsure)):
             alone = model(input_ids=prompt)
             assert torch.equal(both.routing_weights[row], alone.routing_weights[0])
             torch.testing.assert_close(both.logits[row], alone.logits[0])
+        # Left padding: rows of other lengths, each routed from its own real tokens.
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), sure[:, :5]], dim=1)
+        mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+        mixed = model(input_ids=torch.cat([padded, unsure]), attention_mask=mask)
+        assert rows_seen[-2:] == [1, 2]
+        alone = model(input_ids=sure[:, :5])
+        assert torch.equal(mixed.routing_weights[0], alone.routing_weights[0])
+        torch.testing.assert_close(mixed.logits[0, 3:], alone.logits[0])
+        assert torch.equal(mixed.routing_weights[1], both.routing_weights[1])
         model.config.router_screen_margin = None
         assert torch.equal(model(input_ids=unsure).routing_weights, both.routing_weights[1:])  # the boundary's gate
 

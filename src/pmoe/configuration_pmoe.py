@@ -163,11 +163,12 @@ class PMoEConfig(PreTrainedConfig):
       prompt and prefill skips the expert-free shallow pass; every other prompt is routed at the boundary as before. On
       O-LoRA's Long Sequence the screen routed 50.5% of the test prompts and routing accuracy stayed exactly the
       boundary router's, task by task (the screen's wrong picks scored margins up to 9.4; README, "Where the router
-      reads"). Prompts of tasks that share an instruction and a vocabulary are left to the boundary; a batch skips the
-      pass only if every row is screened. Not with Gaussian keys: their diagonal log-likelihoods on the embeddings are
-      overconfident (a trial on the same benchmark routed worse at the same margin). It does not apply while training, when router logits are asked for (distillation,
-      `output_router_logits`), or until every expert with a fitted boundary key has a screen key (checkpoints saved
-      before the screen have none: they always take the pass). `None`: no screen.
+      reads"). Prompts of tasks that share an instruction and a vocabulary are left to the boundary (in a batch, the pass
+      runs for those rows only). Not with Gaussian keys: their diagonal log-likelihoods on the embeddings are
+      overconfident (a trial on the same benchmark routed worse at the same margin). It does not apply while training,
+      when router logits are asked for (distillation, `output_router_logits`), or until every expert with a fitted
+      boundary key has a screen key (checkpoints saved before the screen have none: they always take the pass).
+      `None`: no screen.
     - `router_aux_loss_coef` (`float`, defaults to 0.0): weight of the load-balancing loss (Switch / Mixtral) added to
       the LM loss when `output_router_logits=True`. Off by default: balancing old, frozen experts against a new one
       fights continual learning.
@@ -555,7 +556,8 @@ PMOE_OPTIONS = frozenset({
     "expert_target_modules", "routing", "router_keys", "router_activation", "router_variance_floor",
     "router_projection_size", "router_shrinkage", "router_fit_sequences", "expert_layers", "router_top_k",
     "expert_capacity", "router_temperature", "router_min_gate", "router_per_layer", "router_input_layer",
-    "router_screen_margin", "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights", "distillation_alpha",
+    "router_screen_margin", "router_aux_loss_coef", "output_router_logits", "max_experts", "train_base_weights",
+    "distillation_alpha",
 })
 
 

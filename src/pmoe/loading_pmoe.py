@@ -82,6 +82,11 @@ def examples(names, limit: int = 4) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def is_screen_tensor(name: str) -> bool:
+    """A tensor of the embedding screen (`model.screen_router....`)."""
+    return "screen_router" in name.split(".")
+
+
 def missing_tensor_problems(model, missing_keys) -> list[str]:
     config, problems = model.config, []
     missing = set(missing_keys)
@@ -91,9 +96,9 @@ def missing_tensor_problems(model, missing_keys) -> list[str]:
     missing -= {name for name in missing if name.endswith(".usage") and "routers" in name.split(".")}
     # The embedding screen, which checkpoints from before it lack entirely: its keys stay unfitted, which keeps the
     # screen off (every prompt takes the expert-free pass, as when the checkpoint was saved).
-    is_screen = lambda name: "screen_router" in name.split(".")  # noqa: E731
-    screen_missing = {name for name in missing if is_screen(name)}
-    screen_saved = not screen_missing or screen_missing != {name for name in model.state_dict() if is_screen(name)}
+    screen_missing = {name for name in missing if is_screen_tensor(name)}
+    screen_tensors = {name for name in model.state_dict() if is_screen_tensor(name)}
+    screen_saved = not screen_missing or screen_missing != screen_tensors
     missing -= set() if screen_saved else screen_missing
     missing_by_expert = {}
     for name in missing:
@@ -102,7 +107,7 @@ def missing_tensor_problems(model, missing_keys) -> list[str]:
             missing_by_expert.setdefault(index, []).append(name)
     for index, names in sorted(missing_by_expert.items()):
         task = config.expert_tasks[index] if index < len(config.expert_tasks) else None
-        total = len([name for name in model.expert_tensors(index) if screen_saved or not is_screen(name)]
+        total = len([name for name in model.expert_tensors(index) if screen_saved or not is_screen_tensor(name)]
                     if index < config.num_experts else names)
         if len(names) == total:
             problems.append(

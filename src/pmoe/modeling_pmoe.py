@@ -514,18 +514,40 @@ class PMoEGateMixin:
             elif (not needs_router_logits and sequence_ids is None and config.router_screen_margin is not None
                   and not (isinstance(attention_mask, dict) and routing_mask is None)):  # (the pass raises for it)
                 screened = self._screen_gates(inputs_embeds, routing_mask)
-                if screened is not None and bool(screened[0].all()):  # every row routed: no pass to run
-                    return screened[1].to(inputs_embeds.dtype), ()
+        if screened is not None and bool(screened[0].any()):
+            # The screen routes the rows it is sure of; the expert-free pass runs for the other rows only.
+            sure, gates = screened
+            unsure = (~sure).nonzero().squeeze(1)
+            if unsure.numel() > 0:
+                rows = self._prepass_rows(unsure, inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
+                boundary = self._shallow_prepass(*rows)
+                unsure_gates, _ = self._router_gates(self.routers[0], boundary, rows[2])
+                gates = gates.index_put((unsure,), unsure_gates.to(gates.dtype))
+            return gates.to(inputs_embeds.dtype), ()
         boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
         gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
-        if screened is not None:  # a row's gate never depends on the other rows of its batch
-            gates = torch.where(screened[0][:, None, None], screened[1].to(gates.dtype), gates)
         return gates, (logits.reshape(-1, logits.shape[-1]),)
 
+    @staticmethod
+    def _prepass_rows(rows, inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs) -> tuple:
+        """`_shallow_prepass`'s arguments for the batch rows `rows` only: every input that has a row per sequence is
+        cut to those rows (position ids and rotary embeddings shared by the batch, `[1, ...]`, stay as they are)."""
+        batch_size = inputs_embeds.shape[0]
+
+        def take(value):
+            return value[rows] if isinstance(value, torch.Tensor) and value.shape[0] == batch_size else value
+
+        embeds = inputs_embeds[rows]
+        cos, sin = layer_kwargs["position_embeddings"]
+        layer_kwargs = {**layer_kwargs, "position_embeddings": (take(cos), take(sin)),
+                        "position_ids": take(layer_kwargs["position_ids"])}
+        mask_kwargs = {**mask_kwargs, "inputs_embeds": embeds, "position_ids": take(mask_kwargs["position_ids"])}
+        return embeds, take(attention_mask), take(routing_mask), mask_kwargs, layer_kwargs
+
     def _screen_gates(self, inputs_embeds, routing_mask) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The embedding screen's decision: `(screened [B] bool, gates [B, 1, E])`, a row screened where the screen's best
-        expert scores at least `router_screen_margin` above the runner-up; `None` until every expert with a fitted
-        boundary key has a fitted screen key (a partly fitted screen would send every prompt to its few keys)."""
+        """The embedding screen's decision: `(screened [B] bool, gates [B, 1, E])`, a row screened where the screen's
+        best expert scores at least `router_screen_margin` above the runner-up; `None` until every expert with a
+        fitted boundary key has a fitted screen key (a partly fitted screen would send every prompt to its few keys)."""
         screen = self.screen_router
         if not self._screen_is_complete():
             return None
