@@ -497,7 +497,8 @@ class PMoEGateMixin:
         """The gate `[B, T or 1, E]` known before the first layer, and the router logits it came from, or `(None, ())`
         when the router reads a hidden state of this forward (`_routes_before`). Sequence routing only; in order:
         the gate given (`routing_weights`, or the one the cache carries from the prompt), the trained expert's gate
-        when its key is fitted (training without the pre-pass), or the router over the expert-free pre-pass."""
+        when its key is fitted (training without the pre-pass), the embedding screen's gate for the rows it is sure
+        of (`router_screen_margin`), or the router over the expert-free pre-pass (of the other rows)."""
         config = self.config
         if config.num_experts == 0 or config.routing != "sequence":
             return None, ()
