@@ -329,9 +329,8 @@ def routing_only(base, tokenizer, data, tasks, kinds, layers, max_tokens):
                 sure = screen_is_sure(screen_logits[:, 0], model.config.router_screen_margin)
                 picks = torch.where(sure, screen_gates[:, 0].argmax(-1), picks)
                 # How close the screen came to a wrong decision: the largest margin of its wrong top picks.
-                top = screen_logits[:, 0].topk(2, dim=-1) if len(tasks) > 1 else None
-                wrong = top is not None and top.indices[:, 0] != index
-                margins = (top.values[:, 0] - top.values[:, 1])[wrong] if top is not None else torch.zeros(0)
+                values, indices = screen_logits[:, 0].topk(min(2, len(tasks)), dim=-1)
+                margins = (values[:, 0] - values[:, -1])[indices[:, 0] != index]  # (one task: nothing is wrong)
                 per_task_screened[task] = {**routing_row(picks.tolist(), index, tasks),
                                            "screened": int(sure.sum()), "prompts": len(picks),
                                            "largest_wrong_margin": float(margins.max()) if len(margins) else None}

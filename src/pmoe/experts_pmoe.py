@@ -491,7 +491,8 @@ class PMoERouter(nn.Module):
         """The router's training bookkeeping, all of it, for one training forward: while a fitted-key expert is
         trained (`forced_expert`), its task's features `[B, G, P]` fit its key until it has seen `fit_sequences`
         sequences (or a fitting pass closed it) and its gate is forced; the log window records what the router itself
-        decided (`gates`); the usage counts the gate applied, which is returned. `real` (`[B, G]`): the features of real tokens / sequences."""
+        decided (`gates`); the usage counts the gate applied, which is returned. `real` (`[B, G]`): the features of
+        real tokens / sequences."""
         if forced_expert is not None and not self.experts[forced_expert].is_fitted(fit_sequences):
             selected = features.reshape(-1, features.shape[-1])
             self.experts[forced_expert].accumulate(selected if real is None else selected[real.reshape(-1)])

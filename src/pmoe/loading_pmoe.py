@@ -97,8 +97,9 @@ def missing_tensor_problems(model, missing_keys) -> list[str]:
     # The embedding screen, which checkpoints from before it lack entirely: its keys stay unfitted, which keeps the
     # screen off (every prompt takes the expert-free pass, as when the checkpoint was saved).
     screen_missing = {name for name in missing if is_screen_tensor(name)}
-    screen_tensors = {name for name in model.state_dict() if is_screen_tensor(name)}
-    screen_saved = not screen_missing or screen_missing != screen_tensors
+    screen_saved = not screen_missing or (  # (the model's tensor names only when some screen tensor is missing)
+        screen_missing != {name for name in model.state_dict() if is_screen_tensor(name)}
+    )
     missing -= set() if screen_saved else screen_missing
     missing_by_expert = {}
     for name in missing:

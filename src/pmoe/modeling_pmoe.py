@@ -515,16 +515,17 @@ class PMoEGateMixin:
             elif (not needs_router_logits and sequence_ids is None and config.router_screen_margin is not None
                   and not (isinstance(attention_mask, dict) and routing_mask is None)):  # (the pass raises for it)
                 screened = self._screen_gates(inputs_embeds, routing_mask)
-        if screened is not None and bool(screened[0].any()):
-            # The screen routes the rows it is sure of; the expert-free pass runs for the other rows only.
+        if screened is not None:
             sure, gates = screened
-            unsure = (~sure).nonzero().squeeze(1)
-            if unsure.numel() > 0:
-                rows = self._prepass_rows(unsure, inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
-                boundary = self._shallow_prepass(*rows)
-                unsure_gates, _ = self._router_gates(self.routers[0], boundary, rows[2])
-                gates = gates.index_put((unsure,), unsure_gates.to(gates.dtype))
-            return gates.to(inputs_embeds.dtype), ()
+            unsure = (~sure).nonzero().squeeze(1)  # (the one host read of the screen's decision)
+            if unsure.numel() < sure.numel():
+                # The screen routes the rows it is sure of; the expert-free pass runs for the other rows only.
+                if unsure.numel() > 0:
+                    rows = self._prepass_rows(unsure, inputs_embeds, attention_mask, routing_mask, mask_kwargs,
+                                              layer_kwargs)
+                    unsure_gates, _ = self._router_gates(self.routers[0], self._shallow_prepass(*rows), rows[2])
+                    gates = gates.index_put((unsure,), unsure_gates.to(gates.dtype))
+                return gates.to(inputs_embeds.dtype), ()
         boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
         gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
         return gates, (logits.reshape(-1, logits.shape[-1]),)
