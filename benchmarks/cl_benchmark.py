@@ -295,9 +295,11 @@ def pooled_router_features(base, tokenizer, examples, routers, max_tokens, batch
 @torch.no_grad()
 def routing_only(base, tokenizer, data, tasks, kinds, layers, max_tokens):
     """Per router kind and input layer: grow one expert per task, fit its key on the task's training prompts (what the
-    callback does before training it), then route every task's test prompts. Where the model has the embedding screen
-    (`router_screen_margin`), its keys are fitted on the same prompts and a second row routes as the model does: the
-    screen where it is sure, the router otherwise; its `screened` counts the prompts the screen routed. Returns
+    callback does before training it), then route every task's test prompts. Where the model has screens
+    (`router_screen_margin`: the embedding screen and the first-layer screen), their keys are fitted on the same
+    prompts and a second row routes as the model does: each prompt by the first screen sure of it, else by the router;
+    `screened` counts the prompts each screen routed, `largest_wrong_margin` how close each came to a wrong decision on
+    the prompts that reached it, `decisions_changed` the prompts routed otherwise than by the router alone. Returns
     `{label: routing_accuracy}`."""
     models = {}
     for kind in kinds:
@@ -306,41 +308,54 @@ def routing_only(base, tokenizer, data, tasks, kinds, layers, max_tokens):
             model = PMoEForCausalLM.from_dense(copy.deepcopy(base), router_keys=kind, **options).eval()
             models[(kind, model.config.router_input_layer)] = model
     routers = {name: (model.model.routers[0], name[1]) for name, model in models.items()}
-    routers.update({(*name, "screen"): (model.model.screen_router, 0) for name, model in models.items()
-                    if model.model.screen_router is not None})
+    routers.update({(*name, "screen", screen_layer): (screen, screen_layer) for name, model in models.items()
+                    for screen_layer, screen in model.model._screens()})
     features = {task: {split: pooled_router_features(base, tokenizer, data[task][split], routers, max_tokens)
                        for split in ("train", "test")} for task in tasks}
     results = {}
     for (kind, layer), model in models.items():
         label = kind if layers == [None] else f"{kind}, layer {layer}"
-        screen = model.model.screen_router
+        screens = model.model._screens()
         for task in tasks:
             index = model.add_expert(task)
             model.model.routers[0].experts[index].accumulate(features[task]["train"][(kind, layer)])
-            if screen is not None:
-                screen.experts[index].accumulate(features[task]["train"][(kind, layer, "screen")])
+            for screen_layer, screen in screens:
+                screen.experts[index].accumulate(features[task]["train"][(kind, layer, "screen", screen_layer)])
         per_task, per_task_screened = {}, {}
         for index, task in enumerate(tasks):
             _, gates = model.model.routers[0](features[task]["test"][(kind, layer)][:, None])
             picks = gates[:, 0].argmax(-1)
             per_task[task] = routing_row(picks.tolist(), index, tasks)
-            if screen is not None:
-                screen_logits, screen_gates = screen(features[task]["test"][(kind, layer, "screen")][:, None])
-                sure = screen_is_sure(screen_logits[:, 0], model.config.router_screen_margin)
+            if not screens:
+                continue
+            router_picks = picks
+            unrouted = torch.ones_like(picks, dtype=torch.bool)  # no screen was sure of it yet
+            screened, largest_wrong_margin = {}, {}
+            for screen_layer, screen in screens:
+                screen_features = features[task]["test"][(kind, layer, "screen", screen_layer)]
+                screen_logits, screen_gates = screen(screen_features[:, None])
+                sure = screen_is_sure(screen_logits[:, 0], model.config.router_screen_margin) & unrouted
                 picks = torch.where(sure, screen_gates[:, 0].argmax(-1), picks)
-                # How close the screen came to a wrong decision: the largest margin of its wrong top picks.
+                # How close the screen came to a wrong decision: the largest margin of its wrong top picks among the
+                # prompts that reached it.
                 values, indices = screen_logits[:, 0].topk(min(2, len(tasks)), dim=-1)
-                margins = (values[:, 0] - values[:, -1])[indices[:, 0] != index]  # (one task: nothing is wrong)
-                per_task_screened[task] = {**routing_row(picks.tolist(), index, tasks),
-                                           "screened": int(sure.sum()), "prompts": len(picks),
-                                           "largest_wrong_margin": float(margins.max()) if len(margins) else None}
+                margins = (values[:, 0] - values[:, -1])[(indices[:, 0] != index) & unrouted]  # (one task: none)
+                screened[screen_layer] = int(sure.sum())
+                largest_wrong_margin[screen_layer] = float(margins.max()) if len(margins) else None
+                unrouted &= ~sure
+            per_task_screened[task] = {**routing_row(picks.tolist(), index, tasks), "prompts": len(picks),
+                                       "screened": screened, "largest_wrong_margin": largest_wrong_margin,
+                                       "decisions_changed": int((picks != router_picks).sum())}
         results[label] = per_task
-        if screen is not None:
-            results[f"{label} + embedding screen"] = per_task_screened
+        if screens:
+            results[f"{label} + screens"] = per_task_screened
     return results
 
 
 # ---------------------------------------------------------------------------------------------------- report
+SCREEN_NAMES = {0: "embedding", 1: "first-layer"}  # the screens by the layer whose input they read
+
+
 def routing_markdown(results, args):
     lines = [f"Routing accuracy (%) per task, {args.test_size} test prompts each, keys fitted on {args.train_size} "
              f"training prompts per task; no task name in the prompt" + (" (named)" if args.name_the_task else "")
@@ -348,17 +363,21 @@ def routing_markdown(results, args):
     for order, by_kind in results.items():
         tasks = list(next(iter(by_kind.values())))
         lines += [f"Order {order}: {', '.join(tasks)}", "",
-                  "| keys | " + " | ".join(tasks) + " | mean | routed by the embedding screen |",
+                  "| keys | " + " | ".join(tasks) + " | mean | routed by the screens |",
                   "|---|" + "---|" * (len(tasks) + 2)]
         for kind, per_task in by_kind.items():
             values = [100 * per_task[t]["accuracy"] for t in tasks]
             screened = "-"
             if "screened" in per_task[tasks[0]]:
-                share = sum(per_task[t]["screened"] for t in tasks) / sum(per_task[t]["prompts"] for t in tasks)
-                margins = [per_task[t]["largest_wrong_margin"] for t in tasks
-                           if per_task[t]["largest_wrong_margin"] is not None]
-                screened = f"{100 * share:.1f}% of the prompts" + (
-                    f" (its wrong top picks: margins up to {max(margins):.1f})" if margins else "")
+                prompts, parts = sum(per_task[t]["prompts"] for t in tasks), []
+                for screen_layer in per_task[tasks[0]]["screened"]:
+                    share = sum(per_task[t]["screened"][screen_layer] for t in tasks) / prompts
+                    margins = [per_task[t]["largest_wrong_margin"][screen_layer] for t in tasks
+                               if per_task[t]["largest_wrong_margin"][screen_layer] is not None]
+                    parts.append(f"{100 * share:.1f}% by the {SCREEN_NAMES[screen_layer]} screen" + (
+                        f" (wrong top picks: margins up to {max(margins):.1f})" if margins else ""))
+                changed = sum(per_task[t]["decisions_changed"] for t in tasks)
+                screened = "; ".join(parts) + f"; {changed} of {prompts} decisions differ from the router's alone"
             lines.append(f"| {kind} | " + " | ".join(f"{v:.1f}" for v in values)
                          + f" | {statistics.mean(values):.1f} | {screened} |")
         lines.append("")

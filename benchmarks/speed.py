@@ -9,7 +9,8 @@ layer with the same rank and targets, and full fine-tuning.
   PMoE with 1, 8 and 50 experts with default settings, the prompt routed as real prompts are (keys fitted on
   distinct synthetic tasks: the router picks one expert, and with experts in every layer the embedding screen is
   sure of it), the worst case (identical keys: every expert gets an equal gate and is computed), and with experts in
-  every layer a prompt the screen leaves to the boundary router (`-unscreened`), against Llama;
+  every layer a prompt the embedding screen leaves to the first-layer screen (`-first-layer-screen`) and one no
+  screen routes (`-unscreened`), against Llama;
 - one training step (forward + backward + AdamW step): PMoE training its newest expert as the Trainer callback trains
   it (`pmoe`: the task's key was fitted in one pass before its first step, so no step runs the expert-free pass;
   `pmoe-fitting-in-steps`: a training loop without the callback, whose first `router_fit_sequences` sequences fit the
@@ -131,32 +132,34 @@ def task_tokens(shape, task: int, sequences: int, length: int, seed: int) -> tor
 
 @torch.no_grad()
 def task_features(llama, shape, num_tasks: int, router_input_layer: int) -> dict[int, list[torch.Tensor]]:
-    """Per task, the hidden states its training prompts give at the router's input and at the token embeddings (the
-    embedding screen's input): what fitting its keys sees (the expert-free model is the Llama, same weights)."""
-    features = {0: [], router_input_layer: []}
+    """Per task, the hidden states its training prompts give at the router's input, at the token embeddings and at the
+    input of layer 1 (the screens' inputs): what fitting its keys sees (the expert-free model is the Llama, same
+    weights)."""
+    features = {0: [], 1: [], router_input_layer: []}
     for task in range(num_tasks):
-        input_ids = task_tokens(shape, task, 4, 128, seed=1).to(llama.device)
-        hidden_states = llama(input_ids=input_ids, output_hidden_states=True).hidden_states
+        input_ids = task_tokens(shape, task, 4, shape["seq"], seed=1).to(llama.device)  # as long as the timed prompt
+        hidden_states = llama.model(input_ids=input_ids, output_hidden_states=True).hidden_states  # (no LM head)
         for layer in features:
             features[layer].append(hidden_states[layer])
     return features
 
 
-def make_pmoe(llama, shape, num_experts, routed: bool, features=None, **options):
+def make_pmoe(llama, shape, num_experts, routed: bool, features=None, embedding_screen_unsure=False, **options):
     """PMoE from the same weights with `num_experts` trained-looking experts (random LoRA B).
 
     `routed`: each expert's key is fitted on its own synthetic task's prompts (`task_features`), and the prompts
     timed belong to task 0, so the default router sends them to one expert, as the benchmarks' real prompts are
-    (routing 99-100%). Otherwise every key is identical: equal gates, every expert computed (the worst case)."""
+    (routing 99-100%). Otherwise every key is identical: equal gates, every expert computed (the worst case).
+    `embedding_screen_unsure`: the embedding screen's keys are all alike (it is sure of no prompt), so the first-layer
+    screen routes the prompt after one layer of the expert-free pass: what a prompt of two tasks that share an
+    instruction costs."""
     model = pmoe.PMoEForCausalLM.from_dense(llama, num_shallow_layers=shape["shallow"], expert_rank=shape["rank"],
                                             expert_layers=shape["expert_layers"], **options).eval()
     generator = torch.Generator().manual_seed(1)
     for index in range(num_experts):
         model.add_expert(f"task-{index}")
     # The router at its input layer and, when the model has one, the embedding screen at the token embeddings.
-    routers = {model.config.router_input_layer: model.model.routers[0]}
-    if model.model.screen_router is not None:
-        routers[0] = model.model.screen_router
+    routers = {model.config.router_input_layer: model.model.routers[0], **dict(model.model._screens())}
     with torch.no_grad():
         for module in model.expert_modules():
             for expert in module.experts:
@@ -164,7 +167,7 @@ def make_pmoe(llama, shape, num_experts, routed: bool, features=None, **options)
                     tensor.copy_(torch.randn(tensor.shape, generator=generator).to(tensor) * 0.01)
         for layer, router in routers.items():
             for index, entry in enumerate(router.experts):
-                if routed:
+                if routed and not (embedding_screen_unsure and layer == 0):
                     pooled, _ = router.features(features[layer][index], None)
                     entry.accumulate(pooled.reshape(-1, pooled.shape[-1]))
                 else:
@@ -341,12 +344,14 @@ def main():
     llama = make_llama(shape, device, dtype)
     llama_prefill = prefill_fn(llama, input_ids)
     features = task_features(llama, shape, max(shape["experts"]), router_input_layer(shape))
-    # (number of experts, routed, PMoE options): the default at 1 / 8 / 50 experts, the worst case, and with experts in
-    # every layer a prompt the embedding screen leaves to the boundary router (`router_screen_margin=None`: what every
-    # prompt cost before the screen, and what a prompt the screen is not sure of costs).
-    cases = [(n, True, {}) for n in shape["experts"]] + [(n, False, {}) for n in shape["experts"] if n > 1]
+    # (name suffix, number of experts, routed, options): the default at 1 / 8 / 50 experts, the worst case, and with
+    # experts in every layer a prompt the embedding screen leaves to the first-layer screen (one layer of the
+    # expert-free pass), and one no screen routes (`router_screen_margin=None`: the whole pass, what every prompt cost
+    # before the screens).
+    cases = [("", n, True, {}) for n in shape["experts"]] + [("-all", n, False, {}) for n in shape["experts"] if n > 1]
     if shape["expert_layers"] == "all":
-        cases.append((shape["experts"][1], True, {"router_screen_margin": None}))
+        cases += [("-first-layer-screen", shape["experts"][1], True, {"embedding_screen_unsure": True}),
+                  ("-unscreened", shape["experts"][1], True, {"router_screen_margin": None})]
     def time_inference(name, model, sequence_routing, **row):
         prefill, prefill_ratios = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
                                                  device, args.repeats, args.warmup, reference="llama")
@@ -363,17 +368,19 @@ def main():
     # The LoRA peer, unmerged (as a served adapter runs): what one LoRA on these targets costs without any routing.
     time_inference("peft-lora", build_training_model("peft-lora-all-layers", shape, device, dtype).eval(), False,
                    experts=None, experts_used=None, prefill_peak_bytes=None, expert_free_pass=None)
-    for num_experts, routed, options in cases:
+    for suffix, num_experts, routed, options in cases:
         model = make_pmoe(llama, shape, num_experts, routed, features, **options)
-        name = f"pmoe-{num_experts}" + ("" if routed else "-all") + ("-unscreened" if options else "")
-        layer_zero_calls = []  # two forwards of layer 0 in a prefill: the expert-free pass ran
-        hook = model.model.layers[0].register_forward_hook(lambda *args: layer_zero_calls.append(1))
+        name = f"pmoe-{num_experts}{suffix}"
+        calls = []  # the layers a prefill runs twice: the expert-free pass ran through them
+        hooks = [layer.register_forward_hook(lambda *args, index=index: calls.append(index))
+                 for index, layer in enumerate(model.model.layers)]
         with torch.no_grad():
             used = int((model(input_ids=input_ids).routing_weights > 0).sum())
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         memory = None if options else peak_memory_of(f"prefill:{num_experts}-{'routed' if routed else 'all'}", args)
         time_inference(name, model, True, experts=num_experts, experts_used=used, prefill_peak_bytes=memory,
-                       expert_free_pass=len(layer_zero_calls) > 1)
+                       expert_free_pass=len(calls) - len(model.model.layers))
         del model
         gc.collect()
     results["llama_prefill_peak_bytes"] = peak_memory_of("prefill:llama", args)
@@ -437,8 +444,12 @@ def markdown(results) -> str:
         + (" (and the embedding screen is sure of it, so prefill skips the expert-free pass)"
            if shape["expert_layers"] == "all" else "") + "; "
         "`pmoe-N-all`: N identical keys, so every expert gets an equal gate and is computed (the worst case; the "
-        "screen is not sure); `-unscreened`: `router_screen_margin=None`, the expert-free pass at every prefill: what "
-        "a prompt the screen is not sure of costs (about half of the real-text benchmark's prompts). "
+        "screens are not sure); `-first-layer-screen`: the embedding screen's keys all alike, so the first-layer "
+        "screen routes the prompt after one layer of the expert-free pass (what a prompt of a task that shares its "
+        "vocabulary with another costs: 38% of the real-text benchmark's prompts); `-unscreened`: "
+        "`router_screen_margin=None`, the whole expert-free pass at every prefill (what a prompt neither screen is "
+        "sure of costs: 11% of the real-text benchmark's prompts). The expert-free pass column: how many layers it "
+        "ran. "
         "Training: `pmoe` trains as the Trainer callback trains a task (its key fitted in one pass before the first "
         "step, so no step runs the expert-free pass); `pmoe-fitting-in-steps`: a loop without the callback, whose first "
         "`router_fit_sequences` sequences fit the key inside the steps.",
@@ -452,7 +463,7 @@ def markdown(results) -> str:
                  f"1.000 | {mib(results.get('llama_prefill_peak_bytes'))} |")
     for name, row in inference.items():
         used = "-" if row["experts"] is None else f"{row['experts_used']} of {row['experts']}"
-        ran = {None: "-", True: "yes", False: "no"}[row.get("expert_free_pass")]
+        ran = {None: "-", 0: "no"}.get(row.get("expert_free_pass"), f"{row.get('expert_free_pass')} layer(s)")
         lines.append(
             f"| {name} | {used} | {ran} | {row['prefill_s']:.4f} | {row['prefill_ratio']:.3f} | "
             f"{1000 * row['decode_s_per_token']:.2f} | {row['decode_ratio']:.3f} | {mib(row['prefill_peak_bytes'])} |"

@@ -163,12 +163,13 @@ def test_config_lists_more_experts_than_were_saved(checkpoint, loader):
         LOADERS[loader](checkpoint)
     message = str(error.value)
     assert "num_experts=3, expert_tasks=['sql', 'chat', 'extra']" in message
-    assert ("- expert 2 ('extra') is in config.json but none of its 64 tensors is in the weights (e.g. "
+    assert ("- expert 2 ('extra') is in config.json but none of its 67 tensors is in the weights (e.g. "
             "model.embed_tokens.experts.2.lora_A") in message
     assert "config.json lists more experts than were saved." in message
-    assert ("model.routers.0.usage has shape [2] in the weights but [3] in a model built from config.json; "
-            "model.screen_router.usage has shape [2] in the weights but [3] in a model built from config.json. "
-            "Likely cause: the saved routers count 2 experts but config.num_experts is 3") in message
+    assert ("model.first_layer_screen_router.usage has shape [2] in the weights but [3] in a model built from "
+            "config.json; model.routers.0.usage has shape [2] in the weights but [3] in a model built from "
+            "config.json; and 1 more tensor(s) like them. Likely cause: the saved routers count 2 experts but "
+            "config.num_experts is 3") in message
     assert "Nothing is returned" in message and "Fix config.json" in message
 
 
@@ -180,7 +181,7 @@ def test_config_lists_fewer_experts_than_were_saved(checkpoint, ignore_mismatche
         PMoEForCausalLM.from_pretrained(checkpoint, ignore_mismatched_sizes=ignore_mismatched_sizes)
     message = str(error.value)
     assert "num_experts=1, expert_tasks=['sql']" in message
-    assert ("- the weights hold 64 tensor(s) of expert(s) [1] that a model built from config.json does not have: "
+    assert ("- the weights hold 67 tensor(s) of expert(s) [1] that a model built from config.json does not have: "
             "model.embed_tokens.experts.1.lora_A") in message
     assert "config.json lists fewer experts than were saved." in message
     assert "model.routers.0.usage has shape [2] in the weights but [1]" in message
@@ -189,7 +190,7 @@ def test_config_lists_fewer_experts_than_were_saved(checkpoint, ignore_mismatche
 def test_a_missing_expert_tensor(checkpoint):
     missing = "model.layers.3.mlp.down_proj.experts.1.lora_B"
     edit_weights(checkpoint, lambda tensors: tensors.pop(missing))
-    with pytest.raises(ValueError, match=MISMATCH + r".*\n- 1 of the 64 tensors of expert 1 \('chat'\) are missing "
+    with pytest.raises(ValueError, match=MISMATCH + r".*\n- 1 of the 67 tensors of expert 1 \('chat'\) are missing "
                                          r"from the weights: model\.layers\.3\.mlp\.down_proj\.experts\.1\.lora_B\. "
                                          r"The weights file is incomplete"):
         PMoEForCausalLM.from_pretrained(checkpoint)
@@ -200,7 +201,7 @@ def test_a_missing_expert_tensor(checkpoint):
 
 def test_a_missing_router_statistic(checkpoint):
     edit_weights(checkpoint, lambda tensors: tensors.pop("model.routers.0.experts.0.count"))
-    with pytest.raises(ValueError, match=r"1 of the 64 tensors of expert 0 \('sql'\) are missing from the weights: "
+    with pytest.raises(ValueError, match=r"1 of the 67 tensors of expert 0 \('sql'\) are missing from the weights: "
                                          r"model\.routers\.0\.experts\.0\.count"):
         PMoEForCausalLM.from_pretrained(checkpoint)
 

@@ -17,10 +17,11 @@ def test_speed_benchmark_quick_runs(tmp_path):
     assert {"pmoe-1", "pmoe-4", "pmoe-4-all", "pmoe-4-unscreened"} <= set(results["inference"])
     assert results["inference"]["pmoe-4"]["experts_used"] == 1  # the prompt is routed to its task's expert
     assert results["inference"]["pmoe-4-all"]["experts_used"] == 4
-    # The embedding screen is sure of a routed prompt (no expert-free pass), not of equal keys; off: the pass runs.
+    # The layers the expert-free pass ran: none where the embedding screen is sure of the prompt, one where the
+    # first-layer screen is, both shallow layers where no screen is (equal keys, or screens off).
     passes = {name: row["expert_free_pass"] for name, row in results["inference"].items()}
-    assert passes == {"peft-lora": None, "pmoe-1": False, "pmoe-4": False, "pmoe-4-all": True,
-                      "pmoe-4-unscreened": True}
+    assert passes == {"peft-lora": None, "pmoe-1": 0, "pmoe-4": 0, "pmoe-4-all": 2, "pmoe-4-first-layer-screen": 1,
+                      "pmoe-4-unscreened": 2}
     assert all(row["prefill_ratio"] > 0 for row in results["inference"].values())
     assert {"full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-in-steps"} <= set(results["training"])
     assert results["key_fitting"]["pass_s_per_sequence"] > 0
@@ -100,12 +101,13 @@ def test_cl_benchmark_quick_runs_on_the_o_lora_layout(tmp_path):
     routing = json.loads((tmp_path / "cl-benchmark-routing-quick.json").read_text())
     assert routing["data"]["yelp"]["source"] == "test split in two"
     assert routing["data"]["amazon"]["source"] == "train / dev"
-    assert set(routing["routing"]["custom"]) == {"gaussian", "lda", "lda + embedding screen"}
+    assert set(routing["routing"]["custom"]) == {"gaussian", "lda", "lda + screens"}
     for per_task in routing["routing"]["custom"].values():
         assert set(per_task) == {"amazon", "yelp", "agnews"}
         assert all(0.0 <= row["accuracy"] <= 1.0 and sum(row["routed_to"].values()) == 6 for row in per_task.values())
-    assert all(0 <= row["screened"] <= row["prompts"] == 6 for row in routing["routing"]["custom"]["lda + embedding "
-                                                                                                  "screen"].values())
+    for row in routing["routing"]["custom"]["lda + screens"].values():  # the embedding and first-layer screens
+        assert set(row["screened"]) == {"0", "1"} and 0 <= sum(row["screened"].values()) <= row["prompts"] == 6
+        assert 0 <= row["decisions_changed"] <= 6
 
     result = subprocess.run(common + ["--methods", "pmoe", "pmoe-lda", "sequential-ft", "replay"],
                             capture_output=True, text=True, timeout=300, env=env)

@@ -194,11 +194,12 @@ def test_info_reads_router_statistics_without_loading_weights(trained_checkpoint
     ]
     assert summary["base_parameters"] == sum(param.numel() for param in model.base_parameters().values())
     assert summary["base_model_type"] is None  # not made by `pmoe convert`
-    assert summary["router_screen_margin"] == 20.0  # the default layout has the embedding screen
+    assert summary["router_screen_margin"] == 20.0  # the default layout has the embedding screen...
+    assert summary["router_first_layer_screen"]  # ...and the first-layer screen
 
     code, out, _ = run_cli(capsys, "info", str(folder))
     assert "75.0%" in out and "25.0%" in out and "key fitted on (sequences)" in out and "not recorded" in out
-    assert "reading layer 2; embedding screen at margin 20" in out
+    assert "reading layer 2; embedding and first-layer screens at margin 20" in out
 
 
 def test_info_shows_the_versions_recorded_in_config_json(trained_checkpoint, tmp_path, capsys):

@@ -45,8 +45,8 @@ def test_a_fresh_model_is_a_plain_trainable_transformers_model(keys):
             assert all(torch.count_nonzero(tensor) == 0 for tensor in [*entry.parameters(), *entry.buffers()])
 
 
-# LDA keys: 3 statistics in the boundary router and 3 in the embedding screen's.
-@pytest.mark.parametrize("keys, router_tensors", [("learned", 2), ("gaussian", 3), ("lda", 6)])
+# LDA keys: 3 statistics in the boundary router and 3 in each screen's (embedding, first layer).
+@pytest.mark.parametrize("keys, router_tensors", [("learned", 2), ("gaussian", 3), ("lda", 9)])
 def test_every_parameter_is_initialised_from_the_meta_device(tmp_path, keys, router_tensors):
     # from_pretrained builds on the meta device and materialises what the checkpoint lacks via _init_weights.
     config = tiny_pmoe_config(num_experts=2, expert_tasks=["a", "b"], router_keys=keys)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pmoe import PMoEForCausalLM
 
@@ -344,7 +345,8 @@ def test_only_the_unsure_rows_take_the_pass_and_every_row_keeps_its_own_gate():
     model = screened_model()
     sure = task_batch(0, seed=99, batch=1)[0][:, :8]
     unsure = torch.cat([task_batch(1, seed=98, batch=1)[0][:, :4], task_batch(2, seed=98, batch=1)[0][:, :4]], dim=1)
-    screen = model.model._screen_gates(model.model.embed_tokens(torch.cat([sure, unsure])), None)
+    embeds = model.model.embed_tokens(torch.cat([sure, unsure]))
+    screen = model.model._screen_decision(model.model.screen_router, embeds, None)
     assert screen[0].tolist() == [True, False]  # two tasks' tokens: the screen is not sure
     rows_seen = []  # the batch size of each forward of layer 0
     model.model.layers[0].register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[0]))
@@ -391,6 +393,7 @@ def test_training_forwards_fit_the_screen_key_with_the_boundary_key_and_growth_m
         input_ids, labels = task_batch(0, seed=seed)
         model(input_ids=input_ids, labels=labels)
     assert model.model.screen_router.experts[0].count == model.model.routers[0].experts[0].count == 16
+    assert model.model.first_layer_screen_router.experts[0].count == 16
     model.add_expert("b")
     fit_task(model, 1, 1)
     model.add_expert("c")
@@ -398,8 +401,91 @@ def test_training_forwards_fit_the_screen_key_with_the_boundary_key_and_growth_m
     expected = model.model.screen_router.experts[0].count + model.model.screen_router.experts[1].count
     first, second, target = model.merge_experts(sources=(0, 1), target=0)
     assert model.model.screen_router.experts[target].count == expected
+    assert model.model.first_layer_screen_router.experts[target].count == expected
     model.remove_expert(1)
     assert len(model.model.screen_router.experts) == len(model.model.routers[0].experts) == 2
+    assert len(model.model.first_layer_screen_router.experts) == 2
+
+
+def layer_rows(model, layer_idx):
+    """The batch size of each forward of layer `layer_idx` (expert-free pass and the model's own forward alike)."""
+    rows = []
+    model.model.layers[layer_idx].register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    return rows
+
+
+def tie_screen_keys(screen, source, target):
+    """`target`'s key in `screen` becomes a copy of `source`'s: the screen cannot tell the two tasks apart."""
+    for statistic in screen.experts[source].statistics:
+        getattr(screen.experts[target], statistic).copy_(getattr(screen.experts[source], statistic))
+
+
+def test_the_first_layer_screen_routes_what_the_embedding_screen_leaves_and_stops_the_pass():
+    model = screened_model()
+    reference = without_screen(model)
+    for task in range(3):  # fitted by `fit_router_key` on the same sequences as the boundary key
+        assert model.model.first_layer_screen_router.experts[task].count == model.model.routers[0].experts[task].count
+    for task in (1, 2):  # the embedding screen sees tasks 0 and 1 as one: never sure of either
+        tie_screen_keys(model.model.screen_router, 0, task)
+    first, second = layer_rows(model, 0), layer_rows(model, 1)
+    with torch.no_grad():
+        for task in range(3):
+            prompts = task_batch(task, seed=99)[0][:, :8]
+            first.clear(), second.clear()
+            out = model(input_ids=prompts)
+            assert first == [8, 8] and second == [8]  # layer 0 of the pass, then the model: the pass stopped there
+            assert (out.routing_weights.argmax(-1) == task).all()
+            expected = reference(input_ids=prompts)
+            assert torch.equal(out.routing_weights, expected.routing_weights)  # one expert at gate 1 either way
+            assert torch.equal(out.logits, expected.logits)
+        model.config.router_first_layer_screen = False  # turned off at once: the whole pass runs
+        second.clear()
+        assert torch.equal(model(input_ids=prompts).logits, expected.logits) and second == [8, 8]
+
+
+def test_in_a_batch_each_row_stops_at_the_first_screen_sure_of_it_and_keeps_its_own_gate():
+    model = screened_model()
+    tie_screen_keys(model.model.screen_router, 1, 2)  # tasks 1 and 2 look alike on the embeddings
+    sure = task_batch(0, seed=99, batch=1)[0][:, :8]  # the embedding screen is sure of it
+    second_screen = task_batch(1, seed=99, batch=1)[0][:, :8]  # the first-layer screen is
+    mixed = torch.cat([task_batch(1, seed=98, batch=1)[0][:, :4], task_batch(2, seed=98, batch=1)[0][:, :4]], dim=1)
+    first, second = layer_rows(model, 0), layer_rows(model, 1)
+    batch = torch.cat([sure, second_screen, mixed])
+    with torch.no_grad():
+        both = model(input_ids=batch)
+        assert first == [2, 3] and second == [1, 3]  # the pass: layer 0 for two rows, layer 1 for the last one only
+        for row, prompt in enumerate((sure, second_screen, mixed)):
+            alone = model(input_ids=prompt)
+            assert torch.equal(both.routing_weights[row], alone.routing_weights[0])
+            torch.testing.assert_close(both.logits[row], alone.logits[0])
+        model.config.router_screen_margin = None  # every row at the boundary: the same gates
+        assert torch.equal(model(input_ids=batch).routing_weights[:2], both.routing_weights[:2])
+
+
+def test_the_first_layer_screen_stays_off_until_complete_and_a_checkpoint_without_it_loads(tmp_path):
+    model = screened_model()
+    reference = without_screen(model)
+    for task in (1, 2):  # the embedding screen is never sure: only the first-layer screen could skip the pass
+        tie_screen_keys(model.model.screen_router, 0, task)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    for statistic in model.model.first_layer_screen_router.experts[0].statistics:
+        getattr(model.model.first_layer_screen_router.experts[0], statistic).zero_()
+    second = layer_rows(model, 1)
+    prompts = task_batch(0, seed=99)[0][:, :8]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=prompts).logits, reference(input_ids=prompts).logits)
+        assert second == [8, 8]  # the whole pass ran
+    # A checkpoint saved before the first-layer screen (none of its tensors) loads, and routes through the rest.
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "first_layer_screen_router" not in k},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = PMoEForCausalLM.from_pretrained(folder).eval()
+    assert all(key.count == 0 for key in loaded.model.first_layer_screen_router.experts)
+    second = layer_rows(loaded, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=prompts).logits, reference(input_ids=prompts).logits)
+        assert second == [8, 8]
 
 
 def test_no_screen_where_the_pass_is_not_run():
@@ -408,5 +494,13 @@ def test_no_screen_where_the_pass_is_not_run():
     assert make_pmoe(router_keys="learned").model.screen_router is None
     assert make_pmoe(router_keys="gaussian").model.screen_router is None
     assert make_pmoe(router_screen_margin=None).model.screen_router is None
+    # The first-layer screen needs a pass of at least two layers (one to read, one or more to skip), or is turned off.
+    assert make_pmoe().model.first_layer_screen_router is not None
+    assert make_pmoe(router_input_layer=1).model.first_layer_screen_router is None
+    assert make_pmoe(router_input_layer=1).model.screen_router is not None
+    assert make_pmoe(router_first_layer_screen=False).model.first_layer_screen_router is None
+    assert make_pmoe(router_screen_margin=None).model.first_layer_screen_router is None
+    with pytest.raises(ValueError, match=r"router_first_layer_screen must be True or False"):
+        make_pmoe(router_first_layer_screen="yes")
     with pytest.raises(ValueError, match=r"router_screen_margin must be None \(no screen\) or a finite number > 0"):
         make_pmoe(router_screen_margin=0)

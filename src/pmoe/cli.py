@@ -387,6 +387,7 @@ def checkpoint_summary(source: str) -> dict:
         "num_routers": len(routers),
         # The embedding screen's margin where the model has one (`router_screen_margin`), else None.
         "router_screen_margin": config.router_screen_margin if config.uses_router_screen else None,
+        "router_first_layer_screen": config.uses_first_layer_screen,
         "max_experts": config.max_experts,
         "base_parameters": sum(param.numel() for param in model.base_parameters().values()),
         "num_experts": config.num_experts,
@@ -419,7 +420,8 @@ def format_info(summary: dict) -> str:
         f"  routing         {s['routing']}, {s['router_keys']} keys"
         + (f" on a {s['router_feature_size']}-dim feature" if s.get("router_feature_size") else "")
         + f", {s['router_activation']}, {top_k}; {s['num_routers']} router(s) reading layer {s['router_input_layer']}"
-        + (f"; embedding screen at margin {s['router_screen_margin']:g}" if s.get("router_screen_margin") else ""),
+        + (f"; embedding {'and first-layer screens' if s.get('router_first_layer_screen') else 'screen'} at margin "
+           f"{s['router_screen_margin']:g}" if s.get("router_screen_margin") else ""),
         f"  parameters      {s['base_parameters']:,} base"
         + (f"; max experts {s['max_experts']}" if s["max_experts"] else ""),
         "",

@@ -63,14 +63,13 @@ class PMoEGrowthMixin:
         return [module for module in self.modules() if isinstance(module, PMoEExperts) and module.with_experts]
 
     def expert_routers(self) -> list[PMoERouter]:
-        """The routers whose gates drive the experts (one, or one per deep layer); not the embedding screen."""
+        """The routers whose gates drive the experts (one, or one per deep layer); not the screens."""
         return list(self._pmoe_model().routers)
 
     def _routers_with_keys(self) -> list[PMoERouter]:
-        """Every router holding a key per expert: `expert_routers()` and the embedding screen, if any (growth, merging
-        and removal change them alike)."""
-        screen = self._pmoe_model().screen_router
-        return self.expert_routers() + ([] if screen is None else [screen])
+        """Every router holding a key per expert: `expert_routers()` and the screens, if any (growth, merging and
+        removal change them alike)."""
+        return self.expert_routers() + [screen for _, screen in self._pmoe_model()._screens()]
 
     def expert_parameters(self, index: int) -> dict[str, nn.Parameter]:
         """The parameters of expert `index`: its LoRA A/B in every target of the expert layers, and its learned router
@@ -177,7 +176,7 @@ class PMoEGrowthMixin:
             )
         model = self._pmoe_model()
         key = model.routers[0].experts[expert]
-        screen_key = None if model.screen_router is None else model.screen_router.experts[expert]
+        screen_keys = [screen.experts[expert] for _, screen in model._screens()]
         names = ("input_ids", "attention_mask", "labels", "position_ids", "routing_mask")
         was_training, fitted = self.training, 0
         self.eval()
@@ -191,8 +190,8 @@ class PMoEGrowthMixin:
                     **{name: batch.get(name) for name in names}
                 )
                 key.accumulate(features)
-                if screen_key is not None:  # the embedding screen's key, on the same sequences
-                    screen_key.accumulate(screen_features)
+                for screen_key, features_read in zip(screen_keys, screen_features):  # the screens', same sequences
+                    screen_key.accumulate(features_read)
                 fitted += features.shape[0]
                 # The router logs (load, entropy, agreement) see what the router decides with the key fitted so far,
                 # as they did when training forwards fitted it.

@@ -82,9 +82,15 @@ def examples(names, limit: int = 4) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def is_screen_tensor(name: str) -> bool:
-    """A tensor of the embedding screen (`model.screen_router....`)."""
-    return "screen_router" in name.split(".")
+# The screens (`router_screen_margin`), which checkpoints from before them lack, and every module holding router keys.
+SCREEN_MODULE_NAMES = ("screen_router", "first_layer_screen_router")
+ROUTER_MODULE_NAMES = frozenset({"routers", *SCREEN_MODULE_NAMES})
+
+
+def screen_of(name: str) -> str | None:
+    """The screen a tensor belongs to (`model.screen_router....`, `model.first_layer_screen_router....`), if any."""
+    parts = name.split(".")
+    return next((screen for screen in SCREEN_MODULE_NAMES if screen in parts), None)
 
 
 def missing_tensor_problems(model, missing_keys) -> list[str]:
@@ -94,13 +100,16 @@ def missing_tensor_problems(model, missing_keys) -> list[str]:
     # checkpoints from before expert merging lack (zero, as in a fresh model).
     missing -= {name for name in missing if name.split(".")[0] in model._trainable_task_heads}
     missing -= {name for name in missing if name.endswith(".usage") and "routers" in name.split(".")}
-    # The embedding screen, which checkpoints from before it lack entirely: its keys stay unfitted, which keeps the
-    # screen off (every prompt takes the expert-free pass, as when the checkpoint was saved).
-    screen_missing = {name for name in missing if is_screen_tensor(name)}
-    screen_saved = not screen_missing or (  # (the model's tensor names only when some screen tensor is missing)
-        screen_missing != {name for name in model.state_dict() if is_screen_tensor(name)}
-    )
-    missing -= set() if screen_saved else screen_missing
+    # A screen that checkpoints from before it lack entirely: its keys stay unfitted, which keeps it off (prompts are
+    # routed as when the checkpoint was saved). (The model's names are listed only when a screen tensor is missing.)
+    absent, model_names = set(), None
+    for screen in SCREEN_MODULE_NAMES:
+        screen_missing = {name for name in missing if screen_of(name) == screen}
+        if screen_missing:
+            model_names = model.state_dict().keys() if model_names is None else model_names
+            if screen_missing == {name for name in model_names if screen_of(name) == screen}:
+                absent.add(screen)
+                missing -= screen_missing
     missing_by_expert = {}
     for name in missing:
         index = expert_index_of(name)
@@ -108,7 +117,7 @@ def missing_tensor_problems(model, missing_keys) -> list[str]:
             missing_by_expert.setdefault(index, []).append(name)
     for index, names in sorted(missing_by_expert.items()):
         task = config.expert_tasks[index] if index < len(config.expert_tasks) else None
-        total = len([name for name in model.expert_tensors(index) if screen_saved or not is_screen_tensor(name)]
+        total = len([name for name in model.expert_tensors(index) if screen_of(name) not in absent]
                     if index < config.num_experts else names)
         if len(names) == total:
             problems.append(
@@ -154,7 +163,7 @@ def unexpected_tensor_problems(config, unexpected_keys) -> list[str]:
 def mismatched_shape_problems(config, mismatched_keys, ignore_mismatched_sizes: bool) -> list[str]:
     shapes_by_cause = {}
     for name, saved, built in sorted(mismatched_keys, key=lambda item: item[0]):
-        is_pmoe_tensor = expert_index_of(name) is not None or {"routers", "screen_router"} & set(name.split("."))
+        is_pmoe_tensor = expert_index_of(name) is not None or ROUTER_MODULE_NAMES & set(name.split("."))
         if ignore_mismatched_sizes and not is_pmoe_tensor:
             continue  # the caller asked transformers to re-initialise base weights of another shape
         saved, built = list(saved), list(built)

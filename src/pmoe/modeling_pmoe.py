@@ -66,7 +66,7 @@ from .experts_pmoe import (
     screen_is_sure,
 )
 from .growth_pmoe import PMoEGrowthMixin
-from .loading_pmoe import check_loaded_weights, load_from_safetensors
+from .loading_pmoe import ROUTER_MODULE_NAMES, check_loaded_weights, load_from_safetensors
 
 
 try:  # the context that `capture_outputs` records into (transformers 5.23 and 5.24)
@@ -497,8 +497,8 @@ class PMoEGateMixin:
         """The gate `[B, T or 1, E]` known before the first layer, and the router logits it came from, or `(None, ())`
         when the router reads a hidden state of this forward (`_routes_before`). Sequence routing only; in order:
         the gate given (`routing_weights`, or the one the cache carries from the prompt), the trained expert's gate
-        when its key is fitted (training without the pre-pass), the embedding screen's gate for the rows it is sure
-        of (`router_screen_margin`), or the router over the expert-free pre-pass (of the other rows)."""
+        when its key is fitted (training without the pre-pass), the screens' gates for the rows they are sure of
+        (`router_screen_margin`, `_screened_gates`), or the router over the expert-free pre-pass (of the other rows)."""
         config = self.config
         if config.num_experts == 0 or config.routing != "sequence":
             return None, ()
@@ -508,25 +508,67 @@ class PMoEGateMixin:
             return None, ()
         if self._key_is_fitted(needs_router_logits):
             return self._training_gate(inputs_embeds, sequence_ids), ()
-        screened = None
         if self.screen_router is not None:
             if self.training:
-                self._fit_screen_key(inputs_embeds, routing_mask, sequence_ids)
-            elif (not needs_router_logits and sequence_ids is None and config.router_screen_margin is not None
-                  and not (isinstance(attention_mask, dict) and routing_mask is None)):  # (the pass raises for it)
-                screened = self._screen_gates(inputs_embeds, routing_mask)
-        if screened is not None:
-            sure, gates = screened
-            unsure = (~sure).nonzero().squeeze(1)  # (the one host read of the screen's decision)
-            if unsure.numel() < sure.numel():
-                # The screen routes the rows it is sure of; the expert-free pass runs for the other rows only.
-                if unsure.numel() > 0:
-                    rows = self._prepass_rows(unsure, inputs_embeds, attention_mask, routing_mask, mask_kwargs,
-                                              layer_kwargs)
-                    unsure_gates, _ = self._router_gates(self.routers[0], self._shallow_prepass(*rows), rows[2])
-                    gates = gates.index_put((unsure,), unsure_gates.to(gates.dtype))
-                return gates.to(inputs_embeds.dtype), ()
+                return self._training_pass_gates(inputs_embeds, attention_mask, routing_mask, sequence_ids,
+                                                 mask_kwargs, layer_kwargs)
+            if (not needs_router_logits and sequence_ids is None and config.router_screen_margin is not None
+                    and not (isinstance(attention_mask, dict) and routing_mask is None)):  # (the pass raises for it)
+                return self._screened_gates(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
         boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
+        gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
+        return gates, (logits.reshape(-1, logits.shape[-1]),)
+
+    def _screens(self) -> list[tuple[int, PMoERouter]]:
+        """`(layer, screen)`: the screens in the order a prompt meets them, each reading the input of its layer in the
+        expert-free pass (0: the token embeddings; 1: the first-layer screen)."""
+        screens = [(0, self.screen_router), (1, self.first_layer_screen_router)]
+        return [(layer, screen) for layer, screen in screens if screen is not None]
+
+    def _screened_gates(self, inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs):
+        """Sequence gates `[B, 1, E]` from the screens (`router_screen_margin`): each row is routed by the first screen
+        sure of it, and the expert-free pass runs only as far as the next screen, or the boundary router, for the rows
+        no screen before was sure of (their inputs cut to those rows, so each row gets the gate it gets alone). Returns
+        `(gates, router_logits)`; the router's logits only when no screen was sure of any row (the router then routed
+        the whole batch, as without screens)."""
+        rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)  # the rows no screen is sure of yet
+        inputs = (inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)  # cut to `rows`
+        hidden_states, layer, gates = inputs_embeds, 0, None
+        for screen_layer, screen in self._screens():
+            turned_off = screen_layer == 1 and not self.config.router_first_layer_screen  # (at once, by the config)
+            if turned_off or not self._screen_is_complete(screen):
+                continue
+            hidden_states = self._shallow_prepass(hidden_states, *inputs[1:], start=layer, stop=screen_layer)
+            layer = screen_layer
+            sure, screen_gates = self._screen_decision(screen, hidden_states, inputs[2])
+            unsure = (~sure).nonzero().squeeze(1)  # (the one host read of this screen's decision)
+            if unsure.numel() == sure.numel():
+                continue  # sure of no row
+            if gates is None:
+                gates = screen_gates.new_zeros(inputs_embeds.shape[0], *screen_gates.shape[1:])
+            gates = gates.index_put((rows[sure],), screen_gates[sure])
+            if unsure.numel() == 0:
+                return gates.to(inputs_embeds.dtype), ()
+            rows, hidden_states = rows[unsure], hidden_states[unsure]
+            inputs = self._prepass_rows(unsure, *inputs)
+        boundary = self._shallow_prepass(hidden_states, *inputs[1:], start=layer)
+        boundary_gates, logits = self._router_gates(self.routers[0], boundary, inputs[2])
+        if gates is None:
+            return boundary_gates, (logits.reshape(-1, logits.shape[-1]),)
+        return gates.index_put((rows,), boundary_gates.to(gates.dtype)).to(inputs_embeds.dtype), ()
+
+    def _training_pass_gates(self, inputs_embeds, attention_mask, routing_mask, sequence_ids, mask_kwargs,
+                             layer_kwargs):
+        """A training forward whose boundary key is still open runs the expert-free pass; the screens' keys of the
+        trained expert are fitted on the same sequences, from the features each screen reads in that pass."""
+        hidden_states, layer = inputs_embeds, 0
+        for screen_layer, screen in self._screens():
+            hidden_states = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs,
+                                                  layer_kwargs, start=layer, stop=screen_layer)
+            layer = screen_layer
+            self._fit_screen_key(screen, hidden_states, routing_mask, sequence_ids)
+        boundary = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs,
+                                         start=layer)
         gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
         return gates, (logits.reshape(-1, logits.shape[-1]),)
 
@@ -546,42 +588,37 @@ class PMoEGateMixin:
         mask_kwargs = {**mask_kwargs, "inputs_embeds": embeds, "position_ids": take(mask_kwargs["position_ids"])}
         return embeds, take(attention_mask), take(routing_mask), mask_kwargs, layer_kwargs
 
-    def _screen_gates(self, inputs_embeds, routing_mask) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The embedding screen's decision: `(screened [B] bool, gates [B, 1, E])`, a row screened where the screen's
-        best expert scores at least `router_screen_margin` above the runner-up; `None` until every expert with a
-        fitted boundary key has a fitted screen key (a partly fitted screen would send every prompt to its few keys)."""
-        screen = self.screen_router
-        if not self._screen_is_complete():
-            return None
-        if routing_mask is not None and routing_mask.shape[1] != inputs_embeds.shape[1]:
-            routing_mask = routing_mask[:, -inputs_embeds.shape[1] :]
-        features, real = screen.features(inputs_embeds, routing_mask)
+    def _screen_decision(self, screen, hidden_states, routing_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(sure [B] bool, gates [B, 1, E])` of one screen reading `hidden_states`: a row is sure where the screen's
+        best expert scores at least `router_screen_margin` above the runner-up."""
+        if routing_mask is not None and routing_mask.shape[1] != hidden_states.shape[1]:
+            routing_mask = routing_mask[:, -hidden_states.shape[1] :]
+        features, real = screen.features(hidden_states, routing_mask)
         logits, gates = screen(features, routing_mask)
-        screened = screen_is_sure(logits[:, 0], self.config.router_screen_margin)
-        return (screened if real is None else screened & real[:, 0]), gates
+        sure = screen_is_sure(logits[:, 0], self.config.router_screen_margin)
+        return (sure if real is None else sure & real[:, 0]), gates
 
     @torch.compiler.disable  # eager, as `PMoERouter.lda_weights`: a cache keyed on tensor version counters
-    def _screen_is_complete(self) -> bool:
-        """Every expert's screen key is fitted exactly where its boundary key is (cached on the counts' versions)."""
-        pairs = [(screen_key.count, key.count) for screen_key, key in zip(self.screen_router.experts,
-                                                                            self.routers[0].experts)]
+    def _screen_is_complete(self, screen: PMoERouter) -> bool:
+        """Every expert's key in `screen` is fitted exactly where its boundary key is (cached on the counts'
+        versions); a partly fitted screen would send every prompt to its few keys."""
+        pairs = [(screen_key.count, key.count) for screen_key, key in zip(screen.experts, self.routers[0].experts)]
         version = tuple((t.data_ptr(), t._version) for pair in pairs for t in pair)
-        cached = self.__dict__.get("_screen_complete")
+        cached = screen.__dict__.get("_complete")  # (kept on the screen: a copied model recomputes it)
         if cached is None or cached[0] != version:
-            complete = bool(pairs) and all(bool((screen > 0) == (key > 0)) for screen, key in pairs)
-            self.__dict__["_screen_complete"] = cached = (version, complete)
+            complete = bool(pairs) and all(bool((count > 0) == (key > 0)) for count, key in pairs)
+            screen.__dict__["_complete"] = cached = (version, complete)
         return cached[1]
 
-    def _fit_screen_key(self, inputs_embeds, routing_mask, sequence_ids):
-        """Training with the expert-free pass (the boundary key of the trained expert is still open): fit the trained
-        expert's screen key on the same sequences, from the token embeddings."""
+    def _fit_screen_key(self, screen, hidden_states, routing_mask, sequence_ids):
+        """Fit the trained expert's key in `screen` on the features it reads (while the boundary key is open)."""
         expert = self._training_expert
         if expert is None or self.routers[0].experts[expert].is_fitted(self.config.router_fit_sequences):
             return
         with torch.no_grad():
-            features, real = self.screen_router.features(inputs_embeds, routing_mask, sequence_ids)
+            features, real = screen.features(hidden_states, routing_mask, sequence_ids)
             features = features.reshape(-1, features.shape[-1])
-            self.screen_router.experts[expert].accumulate(features if real is None else features[real.reshape(-1)])
+            screen.experts[expert].accumulate(features if real is None else features[real.reshape(-1)])
 
     def _routes_before(self, layer_idx: int, gates: torch.Tensor | None) -> bool:
         """Whether a router reads the input of layer `layer_idx` (no gate yet at `router_input_layer`, or one router
@@ -674,11 +711,15 @@ class PMoEGateMixin:
             return None  # a fresh (or reset) cache: this forward is the prompt
         return carried
 
-    def _shallow_prepass(self, hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs):
+    def _shallow_prepass(self, hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs, start: int = 0,
+                         stop: int | None = None):
         """`expert_layers="all"`: the hidden state leaving the shallow block in a first pass without experts, so the
         gate never depends on the experts it selects. It reads and writes no cache (only the current tokens), and it
-        is not part of the model's outputs (`output_hidden_states` / `output_attentions`)."""
+        is not part of the model's outputs (`output_hidden_states` / `output_attentions`). `start` / `stop`: run only
+        layers `start .. stop - 1` on `hidden_states`, the input of layer `start` (default: up to the router's input
+        layer), so the screens can read the pass part way."""
         config = self.config
+        stop = config.router_input_layer if stop is None else stop
         # `generate` passes the prompt's 2D mask as `routing_mask` when it pre-builds 4D masks (static caches).
         padding_mask = routing_mask if isinstance(attention_mask, dict) else attention_mask
         if isinstance(attention_mask, dict) and routing_mask is None:
@@ -686,14 +727,14 @@ class PMoEGateMixin:
                 "expert_layers='all' computes its gate from an expert-free shallow pass, which needs the 2D "
                 "attention mask: pass it as `routing_mask` when `attention_mask` is a dict of prebuilt masks."
             )
-        if config.router_input_layer == 0:  # the router reads the token embeddings: no layer to run
+        if stop <= start:  # no layer to run (e.g. the router reads the token embeddings)
             return hidden_states
         length = hidden_states.shape[1]
         if isinstance(padding_mask, torch.Tensor) and padding_mask.dim() == 2 and padding_mask.shape[1] != length:
             padding_mask = padding_mask[:, -length:]  # continuing from a cache: the mask also covers cached tokens
         masks = self._causal_masks({**mask_kwargs, "attention_mask": padding_mask, CACHE_KWARG: None})
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.router_keys == "learned"), outputs_not_captured():
-            for layer_idx in range(config.router_input_layer):
+            for layer_idx in range(start, stop):
                 hidden_states = self.layers[layer_idx](
                     hidden_states, None, attention_mask=masks[config.layer_types[layer_idx]], use_cache=False,
                     **layer_kwargs,
@@ -702,12 +743,12 @@ class PMoEGateMixin:
 
     @torch.no_grad()
     def _expert_free_routing_features(self, input_ids, attention_mask=None, labels=None, position_ids=None,
-                                      routing_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                      routing_mask=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The first router's features `[n, P]` of a batch's real sequences (real tokens, with token routing), read
-        where it reads them at inference, without experts, and the embedding screen's (`None` without one): what
-        fitting a key sees (`fit_router_key`). With sequence routing, token `labels` mark the prompt (-100) that
-        routes, as in a training forward, and the columns after the last routing token are not run (causal attention:
-        they change no routing feature)."""
+        where it reads them at inference, without experts, and each screen's (`_screens()` order), read in the same
+        pass: what fitting a key sees (`fit_router_key`). With sequence routing, token `labels` mark the prompt (-100)
+        that routes, as in a training forward, and the columns after the last routing token are not run (causal
+        attention: they change no routing feature)."""
         token_labels = labels is not None and labels.shape == input_ids.shape
         if routing_mask is None and token_labels and self.config.routing == "sequence":
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
@@ -725,14 +766,21 @@ class PMoEGateMixin:
         )
         layer_kwargs = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
                             position_ids=position_ids)
-        boundary = self._shallow_prepass(inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs)
-        routers = [self.routers[0]] + ([self.screen_router] if self.screen_router is not None else [])
-        per_router = []
-        for router, hidden_states in zip(routers, (boundary, inputs_embeds)):
+
+        def real_features(router, hidden_states):
             features, real = router.features(hidden_states, routing_mask, sequence_ids)
             features = features.reshape(-1, features.shape[-1])
-            per_router.append(features if real is None else features[real.reshape(-1)])
-        return per_router[0], (per_router[1] if len(per_router) > 1 else None)
+            return features if real is None else features[real.reshape(-1)]
+
+        hidden_states, layer, screen_features = inputs_embeds, 0, []
+        for screen_layer, screen in self._screens():
+            hidden_states = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs,
+                                                  layer_kwargs, start=layer, stop=screen_layer)
+            layer = screen_layer
+            screen_features.append(real_features(screen, hidden_states))
+        boundary = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs,
+                                         start=layer)
+        return real_features(self.routers[0], boundary), screen_features
 
 
 class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
@@ -749,9 +797,10 @@ class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
         )
         num_routers = len(config.deep_layer_indices) if config.router_per_layer else 1
         self.routers = nn.ModuleList([PMoERouter(config) for _ in range(num_routers)])
-        # The embedding screen (`router_screen_margin`): a router on the token embeddings that routes a prompt alone
-        # when it is sure, so prefill skips the expert-free pass.
+        # The screens (`router_screen_margin`): routers on the token embeddings and on the first layer's output in the
+        # expert-free pass that route a prompt alone when they are sure, so prefill skips (the rest of) the pass.
         self.screen_router = PMoERouter(config) if config.uses_router_screen else None
+        self.first_layer_screen_router = PMoERouter(config) if config.uses_first_layer_screen else None
         self.norm = PMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = PMoERotaryEmbedding(config=config)
         self.has_sliding_layers = "sliding_attention" in config.layer_types
@@ -971,7 +1020,7 @@ class PMoEForCausalLM(PMoEPreTrainedModel, GenerationMixin):
         )
         missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
         # PMoE-only tensors: the routers (usage counts, the LDA projection), built as a fresh model has them.
-        missing = [name for name in missing if not {"routers", "screen_router"} & set(name.split("."))]
+        missing = [name for name in missing if not ROUTER_MODULE_NAMES & set(name.split("."))]
         if missing or unexpected:
             raise ValueError(
                 f"Converting {type(dense).__name__} to PMoE: weights do not line up (missing {missing}, "
