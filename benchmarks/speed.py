@@ -158,7 +158,7 @@ def make_pmoe(llama, shape, num_experts, routed: bool, features=None, embedding_
     generator = torch.Generator().manual_seed(1)
     for index in range(num_experts):
         model.add_expert(f"task-{index}")
-    # The router at its input layer and, when the model has one, the embedding screen at the token embeddings.
+    # The router at its input layer and, when the model has them, the screens at the token embeddings and layer 1.
     routers = {model.config.router_input_layer: model.model.routers[0], **dict(model.model._screens())}
     with torch.no_grad():
         for module in model.expert_modules():
@@ -437,7 +437,8 @@ def markdown(results) -> str:
         "to the peer timed alongside (the same-weights Llama, PEFT LoRA for training). `peft-lora`: PEFT LoRA on the same targets, "
         "unmerged (as a served adapter runs). PMoE with default settings (sequence routing, LDA "
         f"keys, router reading the input of layer {router_input_layer(shape)}, `router_min_gate` 0.01"
-        + (", the embedding screen at `router_screen_margin` 20" if shape["expert_layers"] == "all" else "")
+        + (", the embedding and first-layer screens at `router_screen_margin` 20" if shape["expert_layers"] == "all"
+           else "")
         + "). `pmoe-N`: N "
         "experts whose keys were fitted on N synthetic tasks (each its own slice of the vocabulary) and a prompt of "
         "task 0, so the router picks one expert, as it does for 99-100% of the real-text benchmark's prompts"

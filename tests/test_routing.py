@@ -425,7 +425,7 @@ def test_the_first_layer_screen_routes_what_the_embedding_screen_leaves_and_stop
     reference = without_screen(model)
     for task in range(3):  # fitted by `fit_router_key` on the same sequences as the boundary key
         assert model.model.first_layer_screen_router.experts[task].count == model.model.routers[0].experts[task].count
-    for task in (1, 2):  # the embedding screen sees tasks 0 and 1 as one: never sure of either
+    for task in (1, 2):  # the embedding screen sees the three tasks as one: never sure of any
         tie_screen_keys(model.model.screen_router, 0, task)
     first, second = layer_rows(model, 0), layer_rows(model, 1)
     with torch.no_grad():
