@@ -486,6 +486,24 @@ def test_the_first_layer_screen_stays_off_until_complete_and_a_checkpoint_withou
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=prompts).logits, reference(input_ids=prompts).logits)
         assert second == [8, 8]
+    # Its experts get first-layer keys from their tasks' data, the other keys untouched: the screen routes again.
+    before = {name: tensor.clone() for name, tensor in loaded.state_dict().items() if "first_layer" not in name}
+    batches = {task: [dict(zip(("input_ids", "labels"), task_batch(task, seed=seed))) for seed in range(4)]
+               for task in range(3)}
+    for task in range(3):
+        assert loaded.fit_router_key(batches[task], expert=task, missing_screen_keys_only=True) == 32
+        assert loaded.fit_router_key(batches[task], expert=task, missing_screen_keys_only=True) == 0  # none missing
+    assert all(torch.equal(tensor, before[name]) for name, tensor in loaded.state_dict().items() if name in before)
+    for task in range(3):
+        assert torch.equal(loaded.model.first_layer_screen_router.experts[task].feature_outer_sum,
+                           model.model.first_layer_screen_router.experts[task].feature_outer_sum) or task == 0
+    second.clear()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=prompts).logits, reference(input_ids=prompts).logits)
+        assert second == [8]  # the first-layer screen routed: layer 1 ran once
+    loaded.add_expert("new")
+    with pytest.raises(ValueError, match=r"expert 3's router key is not fitted yet; fit it first"):
+        loaded.fit_router_key(batches[0], expert=3, missing_screen_keys_only=True)
 
 
 def test_no_screen_where_the_pass_is_not_run():

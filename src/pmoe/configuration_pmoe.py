@@ -176,7 +176,8 @@ class PMoEConfig(PreTrainedConfig):
       O-LoRA's Long Sequence it routed 38.3% of the test prompts (77% of those the embedding screen left), so only
       11.2% ran the whole pass, and routing accuracy stayed the boundary router's, task by task (README, "Where the
       router reads"). It stays off until every expert with a fitted boundary key has a key in it (checkpoints saved
-      before it: the embedding screen and the boundary route as before). Setting it to `False` on a loaded model's
+      before it: the embedding screen and the boundary route as before, until `fit_router_key(...,
+      missing_screen_keys_only=True)` gives the old experts their keys). Setting it to `False` on a loaded model's
       config turns it off at once; a model built with `False` has no first-layer screen (and its checkpoints none).
     - `router_aux_loss_coef` (`float`, defaults to 0.0): weight of the load-balancing loss (Switch / Mixtral) added to
       the LM loss when `output_router_logits=True`. Off by default: balancing old, frozen experts against a new one

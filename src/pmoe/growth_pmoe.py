@@ -149,7 +149,8 @@ class PMoEGrowthMixin:
         return min(losses, key=lambda c: (losses[c], c is not None))  # ties keep the model without experts
 
     @torch.no_grad()
-    def fit_router_key(self, batches: Iterable[dict], expert: int | None = None) -> int:
+    def fit_router_key(self, batches: Iterable[dict], expert: int | None = None, missing_screen_keys_only: bool = False
+                       ) -> int:
         """Fit the router key of `expert` (default: `training_expert`) on `batches` in one pass without experts, and
         close it: training forwards then add nothing to it and, with experts in every layer, skip the expert-free pass
         that would fit it (about half a forward per training step). The Trainer callback runs this over a sample of
@@ -161,7 +162,12 @@ class PMoEGrowthMixin:
         `router_input_layer`, no expert applied), in eval mode (no dropout). Fitted keys (LDA, Gaussian) and one
         router only. The router's decisions on each batch, with the key fitted so far, go to the router logs (load,
         entropy, agreement with `expert`), as when training forwards fit the key. Returns how many sequences (tokens,
-        with token routing) were fitted; a key that got none stays open."""
+        with token routing) were fitted; a key that got none stays open.
+
+        `missing_screen_keys_only=True`: fit only the expert's keys in the screens (`router_screen_margin`) that have
+        none yet, from the same kind of batches, and leave its boundary key and the logs as they are: for experts
+        trained before a screen existed (older checkpoints), whose screen stays off until every fitted expert has a key
+        in it. Fit them on the task's own data, as its boundary key was."""
         config = self.config
         if not config.router_keys_are_fitted or config.router_per_layer:
             raise ValueError(
@@ -177,6 +183,15 @@ class PMoEGrowthMixin:
         model = self._pmoe_model()
         key = model.routers[0].experts[expert]
         screen_keys = [screen.experts[expert] for _, screen in model._screens()]
+        fits_screen = [not missing_screen_keys_only or bool(screen_key.count == 0) for screen_key in screen_keys]
+        if missing_screen_keys_only:
+            if not bool(key.count > 0):
+                raise ValueError(
+                    f"fit_router_key(missing_screen_keys_only=True): expert {expert}'s router key is not fitted yet; "
+                    "fit it first (without missing_screen_keys_only), which fits its screen keys too."
+                )
+            if not any(fits_screen):
+                return 0
         names = ("input_ids", "attention_mask", "labels", "position_ids", "routing_mask")
         was_training, fitted = self.training, 0
         self.eval()
@@ -189,16 +204,20 @@ class PMoEGrowthMixin:
                 features, screen_features = model._expert_free_routing_features(
                     **{name: batch.get(name) for name in names}
                 )
-                key.accumulate(features)
-                for screen_key, features_read in zip(screen_keys, screen_features):  # the screens', same sequences
-                    screen_key.accumulate(features_read)
+                for screen_key, features_read, fits in zip(screen_keys, screen_features, fits_screen):
+                    if fits:  # the screens', on the same sequences
+                        screen_key.accumulate(features_read)
                 fitted += features.shape[0]
+                if missing_screen_keys_only:
+                    continue
+                key.accumulate(features)
                 # The router logs (load, entropy, agreement) see what the router decides with the key fitted so far,
                 # as they did when training forwards fitted it.
                 model.routers[0].record(model.routers[0](features[:, None, :])[1], forced_expert=expert)
         finally:
             self.train(was_training)
-        key.closed = key.closed or fitted > 0
+        if not missing_screen_keys_only:
+            key.closed = key.closed or fitted > 0
         return fitted
 
     def freeze_experts(self, indices: Iterable[int] | None = None, frozen: bool = True):
