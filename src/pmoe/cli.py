@@ -385,7 +385,7 @@ def checkpoint_summary(source: str) -> dict:
         "router_top_k": config.router_top_k or None,
         "router_input_layer": config.router_input_layer,
         "num_routers": len(routers),
-        # The embedding screen's margin where the model has one (`router_screen_margin`), else None.
+        # The screens' margin where the model has them (`router_screen_margin`), else None.
         "router_screen_margin": config.router_screen_margin if config.uses_router_screen else None,
         "router_first_layer_screen": config.uses_first_layer_screen,
         "max_experts": config.max_experts,

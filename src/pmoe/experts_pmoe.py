@@ -410,6 +410,14 @@ class PMoERouter(nn.Module):
         pooled = (features * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
         return pooled, routing_mask.bool().any(dim=1, keepdim=True)
 
+    def real_features(
+        self, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`features` flattened to `[n, P]` and kept only where real: what fitting a key takes."""
+        features, real = self.features(hidden_states, routing_mask, sequence_ids)
+        features = features.reshape(-1, features.shape[-1])
+        return features if real is None else features[real.reshape(-1)]
+
     # Eager under torch.compile: the cache is keyed on tensor version counters, which dynamo would turn into
     # data-dependent guards (several graph breaks and a recompute per call); eager, it is one call and a cache hit.
     @torch.compiler.disable

@@ -202,14 +202,15 @@ class PMoEGrowthMixin:
                         f"fit_router_key needs batches with `input_ids` tensors, got keys {sorted(batch)}."
                     )
                 features, screen_features = model._expert_free_routing_features(
-                    **{name: batch.get(name) for name in names}
+                    **{name: batch.get(name) for name in names}, to_boundary=not missing_screen_keys_only
                 )
                 for screen_key, features_read, fits in zip(screen_keys, screen_features, fits_screen):
                     if fits:  # the screens', on the same sequences
                         screen_key.accumulate(features_read)
-                fitted += features.shape[0]
                 if missing_screen_keys_only:
+                    fitted += screen_features[0].shape[0]
                     continue
+                fitted += features.shape[0]
                 key.accumulate(features)
                 # The router logs (load, entropy, agreement) see what the router decides with the key fitted so far,
                 # as they did when training forwards fitted it.

@@ -561,16 +561,28 @@ class PMoEGateMixin:
                              layer_kwargs):
         """A training forward whose boundary key is still open runs the expert-free pass; the screens' keys of the
         trained expert are fitted on the same sequences, from the features each screen reads in that pass."""
-        hidden_states, layer = inputs_embeds, 0
+        read, boundary = self._pass_through_screens(inputs_embeds, attention_mask, routing_mask, mask_kwargs,
+                                                    layer_kwargs)
+        for screen, hidden_states in read:
+            self._fit_screen_key(screen, hidden_states, routing_mask, sequence_ids)
+        gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
+        return gates, (logits.reshape(-1, logits.shape[-1]),)
+
+    def _pass_through_screens(self, inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs,
+                              to_boundary: bool = True):
+        """The expert-free pass over the whole batch, read at each screen on the way: `([(screen, the input of its
+        layer)], the router's input)` (`None` for the router's input when `to_boundary=False`: the pass stops at the
+        last screen)."""
+        read, hidden_states, layer = [], inputs_embeds, 0
         for screen_layer, screen in self._screens():
             hidden_states = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs,
                                                   layer_kwargs, start=layer, stop=screen_layer)
             layer = screen_layer
-            self._fit_screen_key(screen, hidden_states, routing_mask, sequence_ids)
-        boundary = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs,
-                                         start=layer)
-        gates, logits = self._router_gates(self.routers[0], boundary, routing_mask, sequence_ids)
-        return gates, (logits.reshape(-1, logits.shape[-1]),)
+            read.append((screen, hidden_states))
+        if not to_boundary:
+            return read, None
+        return read, self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs,
+                                           start=layer)
 
     @staticmethod
     def _prepass_rows(rows, inputs_embeds, attention_mask, routing_mask, mask_kwargs, layer_kwargs) -> tuple:
@@ -616,9 +628,7 @@ class PMoEGateMixin:
         if expert is None or self.routers[0].experts[expert].is_fitted(self.config.router_fit_sequences):
             return
         with torch.no_grad():
-            features, real = screen.features(hidden_states, routing_mask, sequence_ids)
-            features = features.reshape(-1, features.shape[-1])
-            screen.experts[expert].accumulate(features if real is None else features[real.reshape(-1)])
+            screen.experts[expert].accumulate(screen.real_features(hidden_states, routing_mask, sequence_ids))
 
     def _routes_before(self, layer_idx: int, gates: torch.Tensor | None) -> bool:
         """Whether a router reads the input of layer `layer_idx` (no gate yet at `router_input_layer`, or one router
@@ -743,12 +753,14 @@ class PMoEGateMixin:
 
     @torch.no_grad()
     def _expert_free_routing_features(self, input_ids, attention_mask=None, labels=None, position_ids=None,
-                                      routing_mask=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                                      routing_mask=None, to_boundary: bool = True
+                                      ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """The first router's features `[n, P]` of a batch's real sequences (real tokens, with token routing), read
         where it reads them at inference, without experts, and each screen's (`_screens()` order), read in the same
         pass: what fitting a key sees (`fit_router_key`). With sequence routing, token `labels` mark the prompt (-100)
         that routes, as in a training forward, and the columns after the last routing token are not run (causal
-        attention: they change no routing feature)."""
+        attention: they change no routing feature). `to_boundary=False`: the screens' features only (the pass stops
+        at the last screen; the router's are `None`)."""
         token_labels = labels is not None and labels.shape == input_ids.shape
         if routing_mask is None and token_labels and self.config.routing == "sequence":
             routing_mask = prompt_mask_from_labels(labels, attention_mask)
@@ -766,21 +778,12 @@ class PMoEGateMixin:
         )
         layer_kwargs = dict(position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
                             position_ids=position_ids)
-
-        def real_features(router, hidden_states):
-            features, real = router.features(hidden_states, routing_mask, sequence_ids)
-            features = features.reshape(-1, features.shape[-1])
-            return features if real is None else features[real.reshape(-1)]
-
-        hidden_states, layer, screen_features = inputs_embeds, 0, []
-        for screen_layer, screen in self._screens():
-            hidden_states = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs,
-                                                  layer_kwargs, start=layer, stop=screen_layer)
-            layer = screen_layer
-            screen_features.append(real_features(screen, hidden_states))
-        boundary = self._shallow_prepass(hidden_states, attention_mask, routing_mask, mask_kwargs, layer_kwargs,
-                                         start=layer)
-        return real_features(self.routers[0], boundary), screen_features
+        read, boundary = self._pass_through_screens(inputs_embeds, attention_mask, routing_mask, mask_kwargs,
+                                                    layer_kwargs, to_boundary)
+        screen_features = [screen.real_features(hidden, routing_mask, sequence_ids) for screen, hidden in read]
+        if boundary is None:
+            return None, screen_features
+        return self.routers[0].real_features(boundary, routing_mask, sequence_ids), screen_features
 
 
 class PMoEModel(PMoEGateMixin, PMoEPreTrainedModel):
