@@ -46,9 +46,13 @@ from pmoe.modeling_pmoe import CACHE_KWARG  # noqa: E402
 
 
 FULL = dict(vocab=32000, hidden=1024, intermediate=2816, layers=8, shallow=4, heads=16, kv_heads=16, rank=8,
-            seq=512, decode=32, experts=[1, 8, 50], repeats=5, training_repeats=9, warmup=1)
+            seq=512, decode=32, experts=[1, 8, 50], repeats=5, prefill_repeats=11, training_repeats=9, warmup=1)
 QUICK = dict(vocab=512, hidden=128, intermediate=352, layers=4, shallow=2, heads=4, kv_heads=4, rank=4,
-             seq=64, decode=8, experts=[1, 4], repeats=3, training_repeats=3, warmup=1)
+             seq=64, decode=8, experts=[1, 4], repeats=3, prefill_repeats=3, training_repeats=3, warmup=1)
+# Where the real-text benchmark's prompts were routed (`cl_benchmark.py --routing-only`): each prompt's share of the
+# embedding screen, the first-layer screen and the boundary router weights the matching prefill case's ratio.
+ROUTING_RESULTS = [os.path.join(os.path.dirname(__file__), "results", f"cl-benchmark-routing-{name}.json")
+                   for name in ("standard", "long")]
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -180,11 +184,58 @@ def make_pmoe(llama, shape, num_experts, routed: bool, features=None, embedding_
     return model
 
 
+# ------------------------------------------------------------------------------------------- real-text prompts
+STAGE_NAMES = {0: "embedding screen", 1: "first-layer screen", None: "boundary router"}
+
+
+def routing_shares(path: str) -> dict[int, float] | None:
+    """From a `cl_benchmark.py --routing-only` results file: the share of its prompts routed at each depth of the
+    expert-free pass, `{0: embedding screen, 1: first-layer screen, None: the boundary router (the whole pass)}`, over
+    every task of every order in its `lda + screens` rows (`None` when the file has no such rows)."""
+    with open(path) as handle:
+        routing = json.load(handle)["routing"]
+    counts = {}
+    for rows in routing.values():
+        for task in rows.get("lda + screens", {}).values():
+            for layer, screened in task["screened"].items():
+                counts[int(layer)] = counts.get(int(layer), 0) + screened
+            counts[None] = counts.get(None, 0) + task["prompts"] - sum(task["screened"].values())
+    total = sum(counts.values())
+    return {layer: count / total for layer, count in counts.items()} if total else None
+
+
+def real_text_prefill(inference: dict, shape, paths: list[str]) -> dict:
+    """Prefill over the real-text benchmark's prompts, computed (not timed on real text): the ratios of the cases whose
+    prompt the embedding screen, the first-layer screen and no screen routed (`pmoe-N`, `-first-layer-screen`,
+    `-unscreened` at N = the middle expert count), weighted by the shares of the benchmark's prompts each routed."""
+    experts = shape["experts"][1]
+    cases = {0: f"pmoe-{experts}", 1: f"pmoe-{experts}-first-layer-screen", None: f"pmoe-{experts}-unscreened"}
+    passes = {0: 0, 1: 1, None: shape["shallow"]}
+    if not all(inference.get(case, {}).get("expert_free_pass") == passes[layer] for layer, case in cases.items()):
+        print(f"real-text prefill not computed: the cases {sorted(cases.values())} did not run the expert-free pass "
+              f"as far as {passes}", flush=True)
+        return {}
+    averages = {}
+    for path in paths:
+        shares = routing_shares(path) if os.path.exists(path) else None
+        if shares is None or set(shares) - set(cases):
+            print(f"real-text prefill: {path} has no screens' shares this script can weight", flush=True)
+            continue
+        averages[os.path.basename(path)] = {
+            "shares": {STAGE_NAMES[layer]: share for layer, share in shares.items()},
+            **{f"{kind}_ratio": sum(share * inference[cases[layer]][f"{kind}_ratio"] for layer, share in shares.items())
+               for kind in ("prefill", "generate_prefill")},
+        }
+    return averages
+
+
 # ------------------------------------------------------------------------------------------- cases
-def prefill_fn(model, input_ids):
+def prefill_fn(model, input_ids, logits_to_keep: int = 0):
+    """A forward over the prompt filling the KV cache; `logits_to_keep=1`: only the last token's logits, as
+    `generate` runs its prefill (0: every token's, as scoring a text or a training forward does)."""
     @torch.no_grad()
     def prefill():
-        return model(input_ids=input_ids, use_cache=True)
+        return model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep)
 
     return prefill
 
@@ -317,7 +368,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for smoke runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs of each case (and of prefill, unless "
+                        "--prefill-repeats says otherwise)")
+    parser.add_argument("--prefill-repeats", type=int, default=None,
+                        help="timed prefill runs of each case: more than the rest, since one prefill is short and its "
+                             "ratio is what the speed targets read")
+    parser.add_argument("--routing-results", nargs="*", default=ROUTING_RESULTS, metavar="JSON",
+                        help="`cl_benchmark.py --routing-only` results whose screens' shares weight the prefill cases "
+                             "into a prefill over real-text prompts (default: the committed Standard and Long runs)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory measurements")
     parser.add_argument("--expert-layers", choices=["all", "deep"], default="all",
@@ -326,6 +384,7 @@ def main():
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
     shape = dict(QUICK if args.quick else FULL, expert_layers=args.expert_layers)
+    args.prefill_repeats = args.prefill_repeats or args.repeats or shape["prefill_repeats"]
     args.repeats = args.repeats or shape["repeats"]
     args.warmup = shape["warmup"] if args.warmup is None else args.warmup
     device = torch.device(args.device)
@@ -335,14 +394,18 @@ def main():
 
     started = time.time()
     input_ids, labels = inputs(shape, device)
-    results = {"shape": {k: v for k, v in shape.items() if k not in ("repeats", "training_repeats", "warmup")},
+    results = {"shape": {k: v for k, v in shape.items()
+                         if k not in ("repeats", "prefill_repeats", "training_repeats", "warmup")},
                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-               "repeats": args.repeats, "training_repeats": max(args.repeats, shape["training_repeats"]),
+               "repeats": args.repeats, "prefill_repeats": args.prefill_repeats,
+               "training_repeats": max(args.repeats, shape["training_repeats"]),
                "inference": {}, "training": {}}
     print(f"shape {results['shape']} on {device} ({results['dtype']}, {results['threads']} threads)", flush=True)
     llama = make_llama(shape, device, dtype)
-    llama_prefill = prefill_fn(llama, input_ids)
+    # Prefill two ways: every token's logits (a scoring forward: what the speed issue measured) and the last token's
+    # only (what `generate` runs before the first new token, where the LM head is not the fifth of the work it is here).
+    prefill_kinds = {"prefill": 0, "generate_prefill": 1}
     features = task_features(llama, shape, max(shape["experts"]), router_input_layer(shape))
     # (name suffix, number of experts, routed, options): the default at 1 / 8 / 50 experts, the worst case, and with
     # experts in every layer a prompt the embedding screen leaves to the first-layer screen (one layer of the
@@ -353,13 +416,16 @@ def main():
         cases += [("-first-layer-screen", shape["experts"][1], True, {"embedding_screen_unsure": True}),
                   ("-unscreened", shape["experts"][1], True, {"router_screen_margin": None})]
     def time_inference(name, model, sequence_routing, **row):
-        prefill, prefill_ratios = paired_medians({"llama": llama_prefill, name: prefill_fn(model, input_ids)},
-                                                 device, args.repeats, args.warmup, reference="llama")
+        for kind, logits_to_keep in prefill_kinds.items():
+            prefill, prefill_ratios = paired_medians(
+                {"llama": prefill_fn(llama, input_ids, logits_to_keep), name: prefill_fn(model, input_ids, logits_to_keep)},
+                device, args.prefill_repeats, args.warmup, reference="llama")
+            row.update({f"{kind}_s": prefill[name], f"llama_{kind}_s": prefill["llama"],
+                        f"{kind}_ratio": prefill_ratios[name]})
         decode = interleaved_decode({"llama": (llama, False), name: (model, sequence_routing)}, input_ids,
                                     shape["decode"], device, args.repeats, args.warmup)
         results["inference"][name] = {
-            **row, "prefill_s": prefill[name], "llama_prefill_s": prefill["llama"],
-            "prefill_ratio": prefill_ratios[name],
+            **row,
             "decode_s_per_token": decode[name], "llama_decode_s_per_token": decode["llama"],
             "decode_ratio": decode[name] / decode["llama"],
         }
@@ -384,6 +450,8 @@ def main():
         del model
         gc.collect()
     results["llama_prefill_peak_bytes"] = peak_memory_of("prefill:llama", args)
+    if shape["expert_layers"] == "all":
+        results["real_text_prefill"] = real_text_prefill(results["inference"], shape, args.routing_results)
 
     # Training: full fine-tuning, PEFT LoRA on every layer, PMoE training its newest expert: interleaved steps.
     names = ["full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-in-steps"]
@@ -433,7 +501,8 @@ def markdown(results) -> str:
         f"({shape['shallow']} shallow), experts in {'every layer' if shape['expert_layers'] == 'all' else 'the deep layers'}, vocab {shape['vocab']}, rank {shape['rank']} on {', '.join(targets(shape))}, batch 1, "
         f"{shape['seq']} prompt tokens, {shape['decode']} decoded (decode: the median step, Llama and the model taking turns at every step); {results['device']} {results['dtype']}, "
         f"{results['threads']} threads, torch {results['torch']}. Medians of {results['repeats']} interleaved runs "
-        f"({results['training_repeats']} for training); prefill and training ratios are the median of the runs' ratios "
+        f"({results.get('prefill_repeats', results['repeats'])} for prefill, {results['training_repeats']} for training); "
+        "prefill and training ratios are the median of the runs' ratios "
         "to the peer timed alongside (the same-weights Llama, PEFT LoRA for training). `peft-lora`: PEFT LoRA on the same targets, "
         "unmerged (as a served adapter runs). PMoE with default settings (sequence routing, LDA "
         f"keys, router reading the input of layer {router_input_layer(shape)}, `router_min_gate` 0.01"
@@ -447,28 +516,43 @@ def markdown(results) -> str:
         "`pmoe-N-all`: N identical keys, so every expert gets an equal gate and is computed (the worst case; the "
         "screens are not sure); `-first-layer-screen`: the embedding screen's keys all alike, so the first-layer "
         "screen routes the prompt after one layer of the expert-free pass (what a prompt of a task that shares its "
-        "vocabulary with another costs: 38% of the real-text benchmark's prompts); `-unscreened`: "
+        "vocabulary with another costs); `-unscreened`: "
         "`router_screen_margin=None`, the whole expert-free pass at every prefill (what a prompt neither screen is "
-        "sure of costs: 11% of the real-text benchmark's prompts). The expert-free pass column: how many layers it "
-        "ran. "
+        "sure of costs). The expert-free pass column: how many layers it ran. Prefill: a forward over the prompt "
+        "with every token's logits (as scoring a text does); generate's prefill: the same with only the last token's "
+        "logits (`logits_to_keep=1`, what `generate` runs before the first new token). "
         "Training: `pmoe` trains as the Trainer callback trains a task (its key fitted in one pass before the first "
         "step, so no step runs the expert-free pass); `pmoe-fitting-in-steps`: a loop without the callback, whose first "
         "`router_fit_sequences` sequences fit the key inside the steps.",
         "",
-        "| model | experts used | expert-free pass | prefill (s) | x Llama | decode (ms/token) | x Llama | prefill peak "
-        "memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | experts used | expert-free pass | prefill (s) | x Llama | generate's prefill (s) | x Llama | "
+        "decode (ms/token) | x Llama | prefill peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     first = next(iter(inference.values()))  # (every row carries the Llama timed alongside it)
-    lines.append(f"| llama | - | - | {first['llama_prefill_s']:.4f} | 1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | "
-                 f"1.000 | {mib(results.get('llama_prefill_peak_bytes'))} |")
+    lines.append(f"| llama | - | - | {first['llama_prefill_s']:.4f} | 1.000 | {first['llama_generate_prefill_s']:.4f} | "
+                 f"1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | 1.000 | "
+                 f"{mib(results.get('llama_prefill_peak_bytes'))} |")
     for name, row in inference.items():
         used = "-" if row["experts"] is None else f"{row['experts_used']} of {row['experts']}"
         ran = {None: "-", 0: "no"}.get(row.get("expert_free_pass"), f"{row.get('expert_free_pass')} layer(s)")
         lines.append(
             f"| {name} | {used} | {ran} | {row['prefill_s']:.4f} | {row['prefill_ratio']:.3f} | "
+            f"{row['generate_prefill_s']:.4f} | {row['generate_prefill_ratio']:.3f} | "
             f"{1000 * row['decode_s_per_token']:.2f} | {row['decode_ratio']:.3f} | {mib(row['prefill_peak_bytes'])} |"
         )
+    if results.get("real_text_prefill"):
+        experts = shape["experts"][1]
+        lines += ["", f"Prefill over the real-text benchmark's prompts at {experts} experts, computed from the rows "
+                  f"above (`pmoe-{experts}`, `-first-layer-screen`, `-unscreened`) weighted by the share of the "
+                  "prompts each stage routed in `cl_benchmark.py --routing-only` (the results file named), not timed "
+                  "on real text:", "",
+                  "| routing results | " + " | ".join(f"share: {stage}" for stage in STAGE_NAMES.values())
+                  + " | prefill x Llama | generate's prefill x Llama |",
+                  "|---|---|---|---|---|---|"]
+        for source, row in results["real_text_prefill"].items():
+            shares = " | ".join(f"{100 * row['shares'].get(stage, 0.0):.1f}%" for stage in STAGE_NAMES.values())
+            lines.append(f"| {source} | {shares} | {row['prefill_ratio']:.3f} | {row['generate_prefill_ratio']:.3f} |")
     lines += ["", "| training step | seconds | x PEFT LoRA | trainable parameters | step peak memory (MiB) |",
               "|---|---|---|---|---|"]
     for name, row in training.items():

@@ -2,8 +2,10 @@
 module imports another): tiny random dense models of every supported family, tiny PMoE models, toy tasks as tensors
 and `datasets`, Trainer arguments, and the environment of a client process for the fake Hub."""
 
+import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -23,6 +25,23 @@ from transformers import (
 )
 
 import pmoe
+
+
+def numerics_machine() -> str:
+    """What float32 rounding depends on besides the code and the torch version: the kernels torch and MKL pick for
+    this CPU by its vector and matrix extensions (the same math gave other bits on an AVX-512 + AMX machine than on
+    the one the old-checkpoint fixtures were made on)."""
+    flags = []
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    extensions = sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma", "f16c")))
+    return " ".join([platform.machine(), torch.backends.cpu.get_cpu_capability(), *extensions])
+
+
+def numerics_machine_key() -> str:
+    """A short name for `numerics_machine()`, for file names."""
+    return hashlib.sha256(numerics_machine().encode()).hexdigest()[:12]
 
 
 # The files a checkpoint ships as remote code (save_pretrained copies the modeling file and its sibling imports).

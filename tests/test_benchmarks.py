@@ -7,9 +7,15 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_speed_benchmark_quick_runs(tmp_path):
+    # A routing-only results file as `cl_benchmark.py --routing-only` writes it: 10 prompts, 5 routed by the embedding
+    # screen, 3 by the first-layer screen, 2 left to the boundary router (rows of other key kinds are ignored).
+    routing = {"routing": {"1": {"lda": {"a": {"prompts": 10}},
+                                 "lda + screens": {"a": {"prompts": 6, "screened": {"0": 4, "1": 1}},
+                                                   "b": {"prompts": 4, "screened": {"0": 1, "1": 2}}}}}}
+    (tmp_path / "routing.json").write_text(json.dumps(routing))
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick", "--repeats", "1", "--no-memory",
-         "--output-dir", str(tmp_path)],
+         "--output-dir", str(tmp_path), "--routing-results", str(tmp_path / "routing.json")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -22,7 +28,14 @@ def test_speed_benchmark_quick_runs(tmp_path):
     passes = {name: row["expert_free_pass"] for name, row in results["inference"].items()}
     assert passes == {"peft-lora": None, "pmoe-1": 0, "pmoe-4": 0, "pmoe-4-all": 2, "pmoe-4-first-layer-screen": 1,
                       "pmoe-4-unscreened": 2}
-    assert all(row["prefill_ratio"] > 0 for row in results["inference"].values())
+    assert all(row["prefill_ratio"] > 0 and row["generate_prefill_ratio"] > 0 for row in results["inference"].values())
+    # The real-text prefill: the three routed cases' ratios weighted by the file's shares (0.5, 0.3, 0.2).
+    real_text = results["real_text_prefill"]["routing.json"]
+    assert real_text["shares"] == {"embedding screen": 0.5, "first-layer screen": 0.3, "boundary router": 0.2}
+    for kind in ("prefill", "generate_prefill"):
+        ratios = [results["inference"][f"pmoe-4{case}"][f"{kind}_ratio"]
+                  for case in ("", "-first-layer-screen", "-unscreened")]
+        assert abs(real_text[f"{kind}_ratio"] - (0.5 * ratios[0] + 0.3 * ratios[1] + 0.2 * ratios[2])) < 1e-9
     assert {"full-finetuning", "peft-lora-all-layers", "pmoe", "pmoe-fitting-in-steps"} <= set(results["training"])
     assert results["key_fitting"]["pass_s_per_sequence"] > 0
     assert results["wall_seconds"] > 0
