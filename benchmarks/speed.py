@@ -4,8 +4,9 @@
 Peers: `LlamaForCausalLM` with the same weights (the floor: PMoE without experts is that model), PEFT LoRA on every
 layer with the same rank and targets, and full fine-tuning.
 
-- prefill (a forward over the prompt, filling the KV cache) and per-token decode (one token at a time with the cache;
-  the median step, Llama and the model taking turns at every step):
+- prefill (a forward over the prompt, filling the KV cache; timed with every token's logits, and with the last one's
+  only as `generate` runs it) and per-token decode (one token at a time with the cache; the median step, Llama and
+  the model taking turns at every step):
   PMoE with 1, 8 and 50 experts with default settings, the prompt routed as real prompts are (keys fitted on
   distinct synthetic tasks: the router picks one expert, and with experts in every layer the embedding screen is
   sure of it), the worst case (identical keys: every expert gets an equal gate and is computed), and with experts in
@@ -16,7 +17,10 @@ layer with the same rank and targets, and full fine-tuning.
   `pmoe-fitting-in-steps`: a training loop without the callback, whose first `router_fit_sequences` sequences fit the
   key inside the steps), PEFT LoRA, full fine-tuning; and that key-fitting pass (`fit_router_key`), per sequence;
 - peak memory of each case (CPU: peak resident set, reset before each case; CUDA: peak allocated), and parameters /
-  checkpoint bytes added per task.
+  checkpoint bytes added per task;
+- with experts in every layer, prefill over the real-text benchmark's prompts: the three routed cases' ratios weighted
+  by the share of those prompts each stage routed (`--routing-results`, `cl_benchmark.py --routing-only` results):
+  computed from the timings, not timed on real text.
 
 Timings are medians over repeats after warm-up; prefill and training ratios are the median over the repeats of the
 time against the peer's in the same repeat (decode: the ratio of the medians of interleaved steps). Results go to
@@ -418,7 +422,8 @@ def main():
     def time_inference(name, model, sequence_routing, **row):
         for kind, logits_to_keep in prefill_kinds.items():
             prefill, prefill_ratios = paired_medians(
-                {"llama": prefill_fn(llama, input_ids, logits_to_keep), name: prefill_fn(model, input_ids, logits_to_keep)},
+                {"llama": prefill_fn(llama, input_ids, logits_to_keep),
+                 name: prefill_fn(model, input_ids, logits_to_keep)},
                 device, args.prefill_repeats, args.warmup, reference="llama")
             row.update({f"{kind}_s": prefill[name], f"llama_{kind}_s": prefill["llama"],
                         f"{kind}_ratio": prefill_ratios[name]})
@@ -530,8 +535,8 @@ def markdown(results) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     first = next(iter(inference.values()))  # (every row carries the Llama timed alongside it)
-    lines.append(f"| llama | - | - | {first['llama_prefill_s']:.4f} | 1.000 | {first['llama_generate_prefill_s']:.4f} | "
-                 f"1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | 1.000 | "
+    lines.append(f"| llama | - | - | {first['llama_prefill_s']:.4f} | 1.000 | "
+                 f"{first['llama_generate_prefill_s']:.4f} | 1.000 | {1000 * first['llama_decode_s_per_token']:.2f} | 1.000 | "
                  f"{mib(results.get('llama_prefill_peak_bytes'))} |")
     for name, row in inference.items():
         used = "-" if row["experts"] is None else f"{row['experts_used']} of {row['experts']}"
