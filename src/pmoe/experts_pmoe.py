@@ -190,9 +190,9 @@ class PMoELinear(PMoEExperts, nn.Linear):
         # prefill and decode on CPU). `out` is this call's own tensor, and linear's backward does not read it. One
         # row (decode at batch 1): the matrix-vector form, which skips GEMM's setup.
         if out.numel() == out.shape[-1]:
-            out.view(-1).addmv_(lora_b, gated.view(-1))
+            out.view(-1).addmv_(lora_b, gated.reshape(-1))
         else:
-            out.view(-1, out.shape[-1]).addmm_(gated.view(-1, gated.shape[-1]), lora_b.T)
+            out.view(-1, out.shape[-1]).addmm_(gated.reshape(-1, gated.shape[-1]), lora_b.T)
         return out
 
     def extra_repr(self) -> str:
