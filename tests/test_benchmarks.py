@@ -148,3 +148,12 @@ def test_cl_benchmark_quick_runs_on_the_o_lora_layout(tmp_path):
     result = subprocess.run(merge[:-1] + [str(tmp_path / "cl-benchmark-routing-quick.json")], capture_output=True,
                             text=True, timeout=300, env=env)
     assert result.returncode != 0 and "routing-only" in result.stderr
+
+
+def test_expert_update_benchmark_quick_runs():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "expert_update.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("  shipped ") == 2 and "us per module call" in result.stdout
