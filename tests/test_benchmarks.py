@@ -43,6 +43,30 @@ def test_speed_benchmark_quick_runs(tmp_path):
     assert "| pmoe-4-all | 4 of 4 |" in (tmp_path / "speed-quick.md").read_text()
 
 
+def test_speed_benchmark_compares_models_that_share_the_llamas_weights():
+    # PMoE and the PEFT peer compute with the Llama's own tensors (no copies), and their outputs are the Llama's
+    # while no expert applies (PMoE without gates; PEFT's B at zero).
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import speed
+
+    shape = dict(speed.QUICK, expert_layers="all")
+    llama = speed.make_llama(shape, torch.device("cpu"), torch.float32)
+    model, peft = speed.make_pmoe(llama, shape, 2, routed=False), speed.peft_lora(llama, shape).eval()
+    weights = {name: tensor.data_ptr() for name, tensor in llama.state_dict().items()}
+    in_pmoe = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+    in_peft = {name.replace(".base_layer", ""): tensor.data_ptr()
+               for name, tensor in peft.get_base_model().state_dict().items()}
+    for name, pointer in weights.items():  # every Llama tensor, in both
+        assert in_pmoe[name] == pointer and in_peft[name] == pointer, name
+    input_ids = torch.randint(3, shape["vocab"], (1, 8))
+    with torch.no_grad():
+        expected = llama(input_ids).logits
+        assert torch.equal(model(input_ids, routing_weights=torch.zeros(1, 2)).logits, expected)
+        assert torch.equal(peft(input_ids).logits, expected)
+
+
 def test_speed_benchmark_memory_case_runs():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick", "--memory-case", "train:pmoe"],
