@@ -134,10 +134,8 @@ def make_llama(shape, device, dtype):
 
 def share_base_weights(model, llama):
     """Make `model`'s base weights the Llama's own tensors (not copies), so that the models compared read the same
-    memory and differ only by their code. With copies, where the allocator put each model's weights decided a decode
-    ratio on an AMD EPYC machine: the same matmuls ran 7.5% slower over PMoE's copy of the weights (heap memory) than
-    over the Llama's (mapped early), and PMoE with every gate at zero decoded at 1.08x the Llama; with shared weights
-    at 1.01-1.02x."""
+    memory and differ only by their code. With copies, where the allocator put each model's weights decided decode
+    ratios on an AMD EPYC machine (`benchmarks/weight_placement.py` measures it)."""
     _, unexpected = model.load_state_dict(llama.state_dict(), strict=False, assign=True)
     if unexpected:
         raise ValueError(f"{type(model).__name__} has no tensors for the Llama's {unexpected[:3]}")
@@ -176,8 +174,10 @@ def task_features(llama, shape, num_tasks: int, router_input_layer: int) -> dict
     return features
 
 
-def make_pmoe(llama, shape, num_experts, routed: bool, features=None, embedding_screen_unsure=False, **options):
-    """PMoE from the same weights with `num_experts` trained-looking experts (random LoRA B).
+def make_pmoe(llama, shape, num_experts, routed: bool, features=None, embedding_screen_unsure=False,
+              share_weights=True, **options):
+    """PMoE from the same weights with `num_experts` trained-looking experts (random LoRA B); the Llama's own tensors
+    (`share_base_weights`) unless `share_weights=False` (its own copy, as `from_dense` makes).
 
     `routed`: each expert's key is fitted on its own synthetic task's prompts (`task_features`), and the prompts
     timed belong to task 0, so the default router sends them to one expert, as the benchmarks' real prompts are
@@ -187,7 +187,8 @@ def make_pmoe(llama, shape, num_experts, routed: bool, features=None, embedding_
     instruction costs."""
     model = pmoe.PMoEForCausalLM.from_dense(llama, num_shallow_layers=shape["shallow"], expert_rank=shape["rank"],
                                             expert_layers=shape["expert_layers"], **options).eval()
-    share_base_weights(model, llama)
+    if share_weights:
+        share_base_weights(model, llama)
     generator = torch.Generator().manual_seed(1)
     for index in range(num_experts):
         model.add_expert(f"task-{index}")

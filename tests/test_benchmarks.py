@@ -67,6 +67,16 @@ def test_speed_benchmark_compares_models_that_share_the_llamas_weights():
         assert torch.equal(peft(input_ids).logits, expected)
 
 
+def test_weight_placement_benchmark_quick_runs():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "weight_placement.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights copy  , every gate at zero" in result.stdout
+    assert "weights shared, pmoe-4, one routed expert" in result.stdout
+
+
 def test_speed_benchmark_memory_case_runs():
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--quick", "--memory-case", "train:pmoe"],
